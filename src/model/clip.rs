@@ -1,0 +1,451 @@
+//! CLIP towers in the HF `CLIPModel` layout: pre-LN transformer blocks, the vision tower with
+//! GL-MCM's local (value-path) patch features, the text tower with causal + padding masks and
+//! EOS pooling, the projections and the logits.
+
+use crate::backend::{AttentionMask, AttentionShape, Backend};
+use crate::config::{ClipConfig, TowerConfig};
+use crate::error::{Error, Result};
+use crate::weights::{is_skipped_buffer, WeightsFile};
+use std::collections::BTreeSet;
+
+/// A Linear layer: weight `[out, in]`, optional bias `[out]`.
+pub struct Linear<W> {
+    pub weight: W,
+    pub bias: Option<W>,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+pub struct LayerNorm<W> {
+    pub gamma: W,
+    pub beta: W,
+}
+
+/// One pre-LN block: `h += attn(ln1(h)); h += fc2(act(fc1(ln2(h))))`.
+pub struct Block<W> {
+    pub ln1: LayerNorm<W>,
+    pub q: Linear<W>,
+    pub k: Linear<W>,
+    pub v: Linear<W>,
+    pub o: Linear<W>,
+    pub ln2: LayerNorm<W>,
+    pub fc1: Linear<W>,
+    pub fc2: Linear<W>,
+}
+
+pub struct Tower<W> {
+    pub config: TowerConfig,
+    pub blocks: Vec<Block<W>>,
+}
+
+pub struct VisionTower<W> {
+    /// The conv patch embedding as a Linear `[hidden, channels·patch²]` (no bias).
+    pub patch: Linear<W>,
+    pub class_embedding: W,
+    pub positions: W,
+    pub pre_ln: LayerNorm<W>,
+    pub tower: Tower<W>,
+    pub post_ln: LayerNorm<W>,
+    pub projection: Linear<W>,
+}
+
+pub struct TextTower<W> {
+    pub token_embedding: W,
+    pub positions: W,
+    pub tower: Tower<W>,
+    pub final_ln: LayerNorm<W>,
+    pub projection: Linear<W>,
+}
+
+pub struct Clip<B: Backend> {
+    pub backend: B,
+    pub config: ClipConfig,
+    pub vision: VisionTower<B::Weight>,
+    pub text: TextTower<B::Weight>,
+    /// The raw `logit_scale` parameter; logits use exp of it.
+    pub logit_scale: f32,
+}
+
+/// Image features of a batch: projected, not normalised.
+pub struct ImageFeatures {
+    /// `[n, projection_dim]`.
+    pub embeds: Vec<f32>,
+    /// `[n, grid², projection_dim]` when asked for.
+    pub local: Option<Vec<f32>>,
+}
+
+/// Reads tensors by name, checked for shape, and records which names were used.
+struct Loader<'a, B: Backend> {
+    file: &'a WeightsFile,
+    backend: &'a B,
+    used: BTreeSet<String>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
+        self.used.insert(name.to_string());
+        self.backend.weight(self.file.f32(name, shape)?)
+    }
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear<B::Weight>> {
+        Ok(Linear {
+            weight: self.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
+            bias: if bias {
+                Some(self.get(&format!("{prefix}.bias"), &[out_dim])?)
+            } else {
+                None
+            },
+            out_dim,
+            in_dim,
+        })
+    }
+
+    fn norm(&mut self, prefix: &str, dim: usize) -> Result<LayerNorm<B::Weight>> {
+        Ok(LayerNorm {
+            gamma: self.get(&format!("{prefix}.weight"), &[dim])?,
+            beta: self.get(&format!("{prefix}.bias"), &[dim])?,
+        })
+    }
+
+    fn tower(&mut self, prefix: &str, config: &TowerConfig) -> Result<Tower<B::Weight>> {
+        let (d, i) = (config.hidden, config.intermediate);
+        let blocks = (0..config.layers)
+            .map(|l| {
+                let p = format!("{prefix}.encoder.layers.{l}");
+                Ok(Block {
+                    ln1: self.norm(&format!("{p}.layer_norm1"), d)?,
+                    q: self.linear(&format!("{p}.self_attn.q_proj"), d, d, true)?,
+                    k: self.linear(&format!("{p}.self_attn.k_proj"), d, d, true)?,
+                    v: self.linear(&format!("{p}.self_attn.v_proj"), d, d, true)?,
+                    o: self.linear(&format!("{p}.self_attn.out_proj"), d, d, true)?,
+                    ln2: self.norm(&format!("{p}.layer_norm2"), d)?,
+                    fc1: self.linear(&format!("{p}.mlp.fc1"), i, d, true)?,
+                    fc2: self.linear(&format!("{p}.mlp.fc2"), d, i, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tower {
+            config: config.clone(),
+            blocks,
+        })
+    }
+}
+
+impl<B: Backend> Clip<B> {
+    /// Loads every tensor of an HF `CLIPModel` checkpoint; a missing, unexpected or misshapen
+    /// tensor is an error naming it.
+    pub fn load(backend: B, file: &WeightsFile, config: &ClipConfig) -> Result<Clip<B>> {
+        let vc = &config.vision;
+        let tc = &config.text;
+        let (dv, dt, p) = (vc.tower.hidden, tc.tower.hidden, config.projection_dim);
+        let mut l = Loader {
+            file,
+            backend: &backend,
+            used: BTreeSet::new(),
+        };
+        let patch_len = vc.channels * vc.patch_size * vc.patch_size;
+        let patch_name = "vision_model.embeddings.patch_embedding.weight";
+        let patch = Linear {
+            weight: l.get(patch_name, &[dv, vc.channels, vc.patch_size, vc.patch_size])?,
+            bias: None,
+            out_dim: dv,
+            in_dim: patch_len,
+        };
+        let vision = VisionTower {
+            patch,
+            class_embedding: l.get("vision_model.embeddings.class_embedding", &[dv])?,
+            positions: l.get(
+                "vision_model.embeddings.position_embedding.weight",
+                &[vc.tokens(), dv],
+            )?,
+            pre_ln: l.norm("vision_model.pre_layrnorm", dv)?,
+            tower: l.tower("vision_model", &vc.tower)?,
+            post_ln: l.norm("vision_model.post_layernorm", dv)?,
+            projection: l.linear("visual_projection", p, dv, false)?,
+        };
+        let text = TextTower {
+            token_embedding: l.get(
+                "text_model.embeddings.token_embedding.weight",
+                &[tc.vocab_size, dt],
+            )?,
+            positions: l.get(
+                "text_model.embeddings.position_embedding.weight",
+                &[tc.context_length, dt],
+            )?,
+            tower: l.tower("text_model", &tc.tower)?,
+            final_ln: l.norm("text_model.final_layer_norm", dt)?,
+            projection: l.linear("text_projection", p, dt, false)?,
+        };
+        let scale_shape = file.shape("logit_scale")?.to_vec();
+        if scale_shape.iter().product::<usize>() != 1 || scale_shape.len() > 1 {
+            return Err(Error::tensor(
+                file.path(),
+                "logit_scale",
+                format!("shape {scale_shape:?}, expected [] or [1]"),
+            ));
+        }
+        let logit_scale = file.f32("logit_scale", &scale_shape)?[0];
+        l.used.insert("logit_scale".into());
+        if let Some(extra) = file
+            .tensors()
+            .keys()
+            .find(|n| !l.used.contains(*n) && !is_skipped_buffer(n))
+        {
+            return Err(Error::tensor(
+                file.path(),
+                extra,
+                format!(
+                    "unexpected: not part of a CLIPModel with these sizes ({} vision and {} text layers, sizes from {})",
+                    vc.tower.layers, tc.tower.layers, config.source
+                ),
+            ));
+        }
+        Ok(Clip {
+            backend,
+            config: config.clone(),
+            vision,
+            text,
+            logit_scale,
+        })
+    }
+
+    fn linear(&self, x: &B::Tensor, rows: usize, lin: &Linear<B::Weight>) -> Result<B::Tensor> {
+        self.backend.linear(
+            x,
+            rows,
+            &lin.weight,
+            lin.bias.as_ref(),
+            lin.out_dim,
+            lin.in_dim,
+        )
+    }
+
+    fn norm(
+        &self,
+        x: &B::Tensor,
+        dim: usize,
+        ln: &LayerNorm<B::Weight>,
+        eps: f32,
+    ) -> Result<B::Tensor> {
+        self.backend.layer_norm(x, dim, &ln.gamma, &ln.beta, eps)
+    }
+
+    /// `h += fc2(act(fc1(ln2(h))))`.
+    fn mlp_residual(
+        &self,
+        h: &mut B::Tensor,
+        rows: usize,
+        block: &Block<B::Weight>,
+        cfg: &TowerConfig,
+    ) -> Result<()> {
+        let x = self.norm(h, cfg.hidden, &block.ln2, cfg.eps)?;
+        let mut m = self.linear(&x, rows, &block.fc1)?;
+        self.backend.activate(&mut m, cfg.act)?;
+        let m = self.linear(&m, rows, &block.fc2)?;
+        self.backend.add_assign(h, &m)
+    }
+
+    /// One full block on `[batch·seq, hidden]` hidden states.
+    pub fn block_forward(
+        &self,
+        h: &mut B::Tensor,
+        block: &Block<B::Weight>,
+        cfg: &TowerConfig,
+        batch: usize,
+        seq: usize,
+        mask: &AttentionMask,
+    ) -> Result<()> {
+        let rows = batch * seq;
+        let x = self.norm(h, cfg.hidden, &block.ln1, cfg.eps)?;
+        let q = self.linear(&x, rows, &block.q)?;
+        let k = self.linear(&x, rows, &block.k)?;
+        let v = self.linear(&x, rows, &block.v)?;
+        let shape = AttentionShape {
+            batch,
+            seq,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim(),
+        };
+        let a = self.backend.attention(&q, &k, &v, shape, mask)?;
+        let o = self.linear(&a, rows, &block.o)?;
+        self.backend.add_assign(h, &o)?;
+        self.mlp_residual(h, rows, block, cfg)
+    }
+
+    /// GL-MCM's value path of a block: `v = x + out_proj(v_proj(ln1(x)))`, then the MLP
+    /// residual, applied token by token (no attention).
+    fn value_path(
+        &self,
+        x: &B::Tensor,
+        rows: usize,
+        block: &Block<B::Weight>,
+        cfg: &TowerConfig,
+    ) -> Result<B::Tensor> {
+        let n = self.norm(x, cfg.hidden, &block.ln1, cfg.eps)?;
+        let v = self.linear(&n, rows, &block.v)?;
+        let mut h = self.linear(&v, rows, &block.o)?;
+        self.backend.add_assign(&mut h, x)?;
+        self.mlp_residual(&mut h, rows, block, cfg)?;
+        Ok(h)
+    }
+
+    /// The vision tower's token states after `pre_layrnorm`: `[n · tokens, hidden]`.
+    pub fn vision_embed(&self, pixels: &[f32], n: usize) -> Result<B::Tensor> {
+        let vc = &self.config.vision;
+        let want = n * vc.channels * vc.image_size * vc.image_size;
+        if pixels.len() != want {
+            return Err(Error::invalid(format!(
+                "pixels: {} values for {n} images, expected {want}",
+                pixels.len()
+            )));
+        }
+        let b = &self.backend;
+        let px = b.tensor(pixels.to_vec())?;
+        let patches = b.patchify(&px, n, vc.channels, vc.image_size, vc.patch_size)?;
+        let emb = self.linear(&patches, n * vc.grid() * vc.grid(), &self.vision.patch)?;
+        let tokens = b.vision_tokens(
+            &emb,
+            n,
+            &self.vision.class_embedding,
+            &self.vision.positions,
+            vc.tower.hidden,
+        )?;
+        self.norm(&tokens, vc.tower.hidden, &self.vision.pre_ln, vc.tower.eps)
+    }
+
+    /// Global (and optionally local) image features of `n` preprocessed images
+    /// (`[n, channels, size, size]`).
+    pub fn encode_images(&self, pixels: &[f32], n: usize, local: bool) -> Result<ImageFeatures> {
+        let vc = &self.config.vision;
+        let cfg = &vc.tower;
+        let t = vc.tokens();
+        let mut h = self.vision_embed(pixels, n)?;
+        let last = cfg
+            .layers
+            .checked_sub(1)
+            .ok_or_else(|| Error::invalid("the vision tower has no layers"))?;
+        for block in &self.vision.tower.blocks[..last] {
+            self.block_forward(&mut h, block, cfg, n, t, &AttentionMask::default())?;
+        }
+        let block = &self.vision.tower.blocks[last];
+        let local = if local {
+            let patch_rows: Vec<usize> = (0..n)
+                .flat_map(|i| (1..t).map(move |j| i * t + j))
+                .collect();
+            let x = self.backend.gather_rows(&h, cfg.hidden, &patch_rows)?;
+            let v = self.value_path(&x, patch_rows.len(), block, cfg)?;
+            let v = self.norm(&v, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
+            let p = self.linear(&v, patch_rows.len(), &self.vision.projection)?;
+            Some(self.backend.to_vec(&p)?)
+        } else {
+            None
+        };
+        self.block_forward(&mut h, block, cfg, n, t, &AttentionMask::default())?;
+        let cls_rows: Vec<usize> = (0..n).map(|i| i * t).collect();
+        let cls = self.backend.gather_rows(&h, cfg.hidden, &cls_rows)?;
+        let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
+        let embeds = self
+            .backend
+            .to_vec(&self.linear(&cls, n, &self.vision.projection)?)?;
+        Ok(ImageFeatures { embeds, local })
+    }
+
+    /// Where HF pools each sequence: the first EOS id, or the argmax of the ids for legacy
+    /// configs whose `eos_token_id` is 2.
+    pub fn eos_positions(&self, ids: &[u32], seq: usize) -> Vec<usize> {
+        let eos = self.config.text.eos_token_id;
+        ids.chunks(seq)
+            .map(|row| {
+                if eos == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&x| x == max).unwrap_or(0)
+                } else {
+                    row.iter().position(|&x| x as usize == eos).unwrap_or(0)
+                }
+            })
+            .collect()
+    }
+
+    /// Text features of a padded batch of token ids `[n, seq]` with each row's real length.
+    pub fn encode_text(&self, ids: &[u32], lengths: &[usize], seq: usize) -> Result<Vec<f32>> {
+        let tc = &self.config.text;
+        let cfg = &tc.tower;
+        if seq == 0 || ids.len() % seq != 0 || ids.len() / seq != lengths.len() {
+            return Err(Error::invalid(format!(
+                "text batch: {} ids, {} lengths and sequence length {seq} do not agree",
+                ids.len(),
+                lengths.len()
+            )));
+        }
+        if seq > tc.context_length {
+            return Err(Error::invalid(format!(
+                "{seq} tokens exceed the context length {}",
+                tc.context_length
+            )));
+        }
+        let n = lengths.len();
+        let b = &self.backend;
+        let mut h = b.text_tokens(
+            ids,
+            seq,
+            &self.text.token_embedding,
+            &self.text.positions,
+            cfg.hidden,
+        )?;
+        let mask = AttentionMask {
+            causal: true,
+            lengths: Some(lengths.to_vec()),
+        };
+        for block in &self.text.tower.blocks {
+            self.block_forward(&mut h, block, cfg, n, seq, &mask)?;
+        }
+        let rows: Vec<usize> = self
+            .eos_positions(ids, seq)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| i * seq + p)
+            .collect();
+        let pooled = b.gather_rows(&h, cfg.hidden, &rows)?;
+        let pooled = self.norm(&pooled, cfg.hidden, &self.text.final_ln, cfg.eps)?;
+        b.to_vec(&self.linear(&pooled, n, &self.text.projection)?)
+    }
+}
+
+/// L2-normalises each row of `x[_, dim]` in place.
+pub fn l2_normalize_rows(x: &mut [f32], dim: usize) {
+    for row in x.chunks_mut(dim) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
+/// `exp(logit_scale) · cos(image, text)`: `[n_images, n_texts]` from unnormalised features.
+pub fn logits(image: &[f32], text: &[f32], dim: usize, logit_scale: f32) -> Vec<f32> {
+    let mut a = image.to_vec();
+    let mut t = text.to_vec();
+    l2_normalize_rows(&mut a, dim);
+    l2_normalize_rows(&mut t, dim);
+    let (n, m) = (a.len() / dim, t.len() / dim);
+    let mut out = vec![0.0; n * m];
+    crate::backend::blas::sgemm(
+        n,
+        m,
+        dim,
+        logit_scale.exp(),
+        &a,
+        dim,
+        &t,
+        dim,
+        crate::backend::blas::Rhs::Transposed,
+        0.0,
+        &mut out,
+        m,
+    );
+    out
+}

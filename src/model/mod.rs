@@ -1,0 +1,6 @@
+//! The CLIP model, written once against the `Backend` trait.
+
+pub mod clip;
+pub mod random;
+
+pub use clip::{Clip, ImageFeatures};
