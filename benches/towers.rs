@@ -31,6 +31,7 @@ fn model_dir() -> (PathBuf, Option<tempfile::TempDir>) {
 }
 
 fn towers(c: &mut Criterion) {
+    setar_engine::backend::cpu::keep_freed_memory();
     let (dir, _keep) = model_dir();
     let file = WeightsFile::open(&dir).unwrap();
     let config = ClipConfig::for_weights(&file).unwrap();

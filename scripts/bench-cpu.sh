@@ -10,19 +10,20 @@ THREADS=${THREADS:-$(nproc)}
 BATCH=${BATCH:-32}
 PROMPTS=${PROMPTS:-256}
 ROUNDS=${ROUNDS:-2}
+TARGET=${CARGO_TARGET_DIR:-target}
 model=$(mktemp -d)
 trap 'rm -rf "$model"' EXIT
 cargo build --release --quiet
-target/release/setar-engine init-random --preset vit-b-16 --out "$model" --quiet
+"$TARGET"/release/setar-engine init-random --preset vit-b-16 --out "$model" --quiet
 mkdir -p bench-results
 ours=(); hf=()
 for r in $(seq "$ROUNDS"); do
   RAYON_NUM_THREADS=$THREADS SETAR_BENCH_MODEL=$model SETAR_BENCH_BATCH=$BATCH SETAR_BENCH_PROMPTS=$PROMPTS \
     cargo bench --quiet --bench towers -- --noplot >/dev/null 2>&1
-  ours+=("$($PYTHON - "$BATCH" "$PROMPTS" <<'PY'
+  ours+=("$($PYTHON - "$BATCH" "$PROMPTS" "$TARGET" <<'PY'
 import json, sys
-b, p = int(sys.argv[1]), int(sys.argv[2])
-est = lambda path: json.load(open(f"target/criterion/{path}/new/estimates.json"))["median"]["point_estimate"] / 1e9
+b, p, target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+est = lambda path: json.load(open(f"{target}/criterion/{path}/new/estimates.json"))["median"]["point_estimate"] / 1e9
 print(json.dumps({"image_img_per_s": b / est(f"image_tower/global_b{b}"),
                   "image_local_img_per_s": b / est(f"image_tower/global_and_local_b{b}"),
                   "text_prompts_per_s": p / est(f"text_tower/prompts{p}_len16")}))

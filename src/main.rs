@@ -127,12 +127,12 @@ fn info(weights: &Path, json: bool) -> Result<()> {
     println!("parameters  {}", file.parameter_count());
     println!("sizes from  {}", config.source);
     println!(
-        "vision      {} layers, width {}, {} heads, mlp {}, patch {}, image {} ({}×{} patches), {}, eps {:e}",
+        "vision      {} layers, width {}, heads {}, mlp {}, patch {}, image {} ({}×{} patches), {}, eps {:e}",
         v.tower.layers, v.tower.hidden, v.tower.heads, v.tower.intermediate, v.patch_size, v.image_size,
         v.grid(), v.grid(), v.tower.act.hf_name(), v.tower.eps
     );
     println!(
-        "text        {} layers, width {}, {} heads, mlp {}, vocab {}, context {}, {}, eps {:e}",
+        "text        {} layers, width {}, heads {}, mlp {}, vocab {}, context {}, {}, eps {:e}",
         t.tower.layers,
         t.tower.hidden,
         t.tower.heads,
@@ -222,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    setar_engine::backend::cpu::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

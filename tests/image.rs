@@ -3,6 +3,8 @@
 //! manifest.json lists each image with PIL's decoded RGB, PIL bicubic resizes and torchvision
 //! preprocessed tensors). Run with `--nocapture` to see the per-image tables.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,7 +15,7 @@ use setar_engine::image::{
 };
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
+    common::fixtures().join("images")
 }
 
 fn manifest() -> serde_json::Value {

@@ -13,10 +13,13 @@ use setar_engine::weights::WeightsFile;
 
 const TOLERANCE: f64 = 1e-5;
 
-fn check(name: &str) {
+/// Runs the fixture through our model (with `tweak` applied to its config) and returns the
+/// worst relative error over the four outputs.
+fn worst_error(name: &str, tweak: impl FnOnce(&mut ClipConfig)) -> f64 {
     let dir = fixtures().join("models").join(name);
     let weights = WeightsFile::open(&dir).unwrap();
-    let config = ClipConfig::for_weights(&weights).unwrap();
+    let mut config = ClipConfig::for_weights(&weights).unwrap();
+    tweak(&mut config);
     let model = Clip::load(CpuBackend::new(), &weights, &config).unwrap();
     let expected = WeightsFile::open(&dir.join("expected.safetensors")).unwrap();
 
@@ -42,6 +45,7 @@ fn check(name: &str) {
             logits(&image.embeds, &text, p, model.logit_scale),
         ),
     ];
+    let mut worst = 0.0f64;
     for (key, got) in ours {
         let (want, _) = tensor(&expected, key);
         let (hf32, _) = tensor(&expected, &format!("{key}_hf32"));
@@ -50,11 +54,31 @@ fn check(name: &str) {
             "{name:>22} {key:<20} ours vs HF-f64 {err:.2e}   (HF-f32 vs HF-f64 {:.2e})",
             rel_err(&hf32, &want)
         );
-        assert!(
-            err <= TOLERANCE,
-            "{name}: {key}: relative error {err:.3e} > {TOLERANCE:e}"
-        );
+        worst = worst.max(err);
     }
+    worst
+}
+
+fn check(name: &str) {
+    let err = worst_error(name, |_| {});
+    assert!(
+        err <= TOLERANCE,
+        "{name}: relative error {err:.3e} > {TOLERANCE:e}"
+    );
+}
+
+#[test]
+fn the_check_notices_a_wrong_model() {
+    // The exact-erf GELU in place of quick_gelu, or a LayerNorm eps off by 10x, must fail.
+    let err = worst_error("narrow_heads_f32", |c| {
+        c.vision.tower.act = setar_engine::config::Activation::Gelu
+    });
+    assert!(err > 1e-3, "wrong activation went unnoticed: {err:.2e}");
+    let err = worst_error("gelu_legacy_eos_bf16", |c| c.text.tower.eps *= 10.0);
+    assert!(
+        err > 10.0 * TOLERANCE,
+        "wrong eps went unnoticed: {err:.2e}"
+    );
 }
 
 #[test]

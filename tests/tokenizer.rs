@@ -1,6 +1,8 @@
 //! The CLIP tokenizer against Hugging Face `transformers.CLIPTokenizer` (transformers 5.24,
 //! tokenizers 0.23): ids recorded by tests/fixtures/make_tokenizer_fixtures.py.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,7 +24,7 @@ struct BatchCase {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+    common::fixtures().join("tokenizer")
 }
 
 fn load_cases(name: &str) -> Vec<Case> {

@@ -11,11 +11,14 @@ use crate::config::Activation;
 use crate::error::Result;
 use crate::weights::F32Data;
 
-/// Batched multi-head attention over `[batch * seq, heads * head_dim]` row-major tensors.
+/// Batched multi-head attention: keys and values are `[batch * seq, heads * head_dim]`,
+/// queries `[batch * queries, heads * head_dim]` — the first `queries` positions of each
+/// sequence (all of them, or just the class token when only pooled features are needed).
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub batch: usize,
     pub seq: usize,
+    pub queries: usize,
     pub heads: usize,
     pub head_dim: usize,
 }

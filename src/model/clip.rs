@@ -269,6 +269,7 @@ impl<B: Backend> Clip<B> {
         let shape = AttentionShape {
             batch,
             seq,
+            queries: seq,
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
         };
@@ -276,23 +277,6 @@ impl<B: Backend> Clip<B> {
         let o = self.linear(&a, rows, &block.o)?;
         self.backend.add_assign(h, &o)?;
         self.mlp_residual(h, rows, block, cfg)
-    }
-
-    /// GL-MCM's value path of a block: `v = x + out_proj(v_proj(ln1(x)))`, then the MLP
-    /// residual, applied token by token (no attention).
-    fn value_path(
-        &self,
-        x: &B::Tensor,
-        rows: usize,
-        block: &Block<B::Weight>,
-        cfg: &TowerConfig,
-    ) -> Result<B::Tensor> {
-        let n = self.norm(x, cfg.hidden, &block.ln1, cfg.eps)?;
-        let v = self.linear(&n, rows, &block.v)?;
-        let mut h = self.linear(&v, rows, &block.o)?;
-        self.backend.add_assign(&mut h, x)?;
-        self.mlp_residual(&mut h, rows, block, cfg)?;
-        Ok(h)
     }
 
     /// The vision tower's token states after `pre_layrnorm`: `[n · tokens, hidden]`.
@@ -322,9 +306,8 @@ impl<B: Backend> Clip<B> {
     /// Global (and optionally local) image features of `n` preprocessed images
     /// (`[n, channels, size, size]`).
     pub fn encode_images(&self, pixels: &[f32], n: usize, local: bool) -> Result<ImageFeatures> {
-        let vc = &self.config.vision;
-        let cfg = &vc.tower;
-        let t = vc.tokens();
+        let cfg = &self.config.vision.tower;
+        let t = self.config.vision.tokens();
         let mut h = self.vision_embed(pixels, n)?;
         let last = cfg
             .layers
@@ -333,26 +316,54 @@ impl<B: Backend> Clip<B> {
         for block in &self.vision.tower.blocks[..last] {
             self.block_forward(&mut h, block, cfg, n, t, &AttentionMask::default())?;
         }
-        let block = &self.vision.tower.blocks[last];
+        self.last_vision_block(&h, n, local)
+    }
+
+    /// The last vision block, computing only what the features need: the class token's query
+    /// and MLP for the pooled feature, and for the local features GL-MCM's value path on the
+    /// patch tokens, `x + out_proj(v_proj(ln1(x)))` then the MLP residual, which reuses the
+    /// block's own `v_proj(ln1(x))`.
+    pub fn last_vision_block(&self, h: &B::Tensor, n: usize, local: bool) -> Result<ImageFeatures> {
+        let (b, cfg) = (&self.backend, &self.config.vision.tower);
+        let block = self
+            .vision
+            .tower
+            .blocks
+            .last()
+            .ok_or_else(|| Error::invalid("the vision tower has no layers"))?;
+        let t = self.config.vision.tokens();
+        let rows = n * t;
+        let cls_rows: Vec<usize> = (0..n).map(|i| i * t).collect();
+        let xn = self.norm(h, cfg.hidden, &block.ln1, cfg.eps)?;
+        let k = self.linear(&xn, rows, &block.k)?;
+        let v = self.linear(&xn, rows, &block.v)?;
+        let q = self.linear(&b.gather_rows(&xn, cfg.hidden, &cls_rows)?, n, &block.q)?;
+        let shape = AttentionShape {
+            batch: n,
+            seq: t,
+            queries: 1,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim(),
+        };
+        let a = b.attention(&q, &k, &v, shape, &AttentionMask::default())?;
+        let mut cls = b.gather_rows(h, cfg.hidden, &cls_rows)?;
+        b.add_assign(&mut cls, &self.linear(&a, n, &block.o)?)?;
+        self.mlp_residual(&mut cls, n, block, cfg)?;
+        let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
+        let embeds = b.to_vec(&self.linear(&cls, n, &self.vision.projection)?)?;
         let local = if local {
             let patch_rows: Vec<usize> = (0..n)
                 .flat_map(|i| (1..t).map(move |j| i * t + j))
                 .collect();
-            let x = self.backend.gather_rows(&h, cfg.hidden, &patch_rows)?;
-            let v = self.value_path(&x, patch_rows.len(), block, cfg)?;
-            let v = self.norm(&v, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-            let p = self.linear(&v, patch_rows.len(), &self.vision.projection)?;
-            Some(self.backend.to_vec(&p)?)
+            let m = patch_rows.len();
+            let mut val = self.linear(&b.gather_rows(&v, cfg.hidden, &patch_rows)?, m, &block.o)?;
+            b.add_assign(&mut val, &b.gather_rows(h, cfg.hidden, &patch_rows)?)?;
+            self.mlp_residual(&mut val, m, block, cfg)?;
+            let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
+            Some(b.to_vec(&self.linear(&val, m, &self.vision.projection)?)?)
         } else {
             None
         };
-        self.block_forward(&mut h, block, cfg, n, t, &AttentionMask::default())?;
-        let cls_rows: Vec<usize> = (0..n).map(|i| i * t).collect();
-        let cls = self.backend.gather_rows(&h, cfg.hidden, &cls_rows)?;
-        let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-        let embeds = self
-            .backend
-            .to_vec(&self.linear(&cls, n, &self.vision.projection)?)?;
         Ok(ImageFeatures { embeds, local })
     }
 
