@@ -14,3 +14,7 @@ pub mod embed;
 pub mod model;
 pub mod progress;
 pub mod weights;
+pub mod hub;
+pub mod loss;
+pub mod metrics;
+pub mod score;
