@@ -50,6 +50,22 @@ pub fn embed_images<B: Backend>(
     })
 }
 
+/// Decodes and preprocesses images in parallel into one `[n, 3, size, size]` buffer.
+pub fn preprocess_all(entries: &[ImageEntry], size: usize, progress: Progress) -> Result<Vec<f32>> {
+    let bar = progress.bar(entries.len(), "preprocess", "img");
+    let per = 3 * size * size;
+    let mut out = vec![0.0f32; entries.len() * per];
+    out.par_chunks_mut(per)
+        .zip(entries.par_iter())
+        .try_for_each(|(o, e)| -> Result<()> {
+            o.copy_from_slice(&preprocess_file(&e.path, size)?);
+            bar.inc(1);
+            Ok(())
+        })?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
 /// Text features of `prompts`, tokenised for the model's context and run in batches.
 pub fn embed_texts<B: Backend>(
     model: &Clip<B>,

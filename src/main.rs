@@ -1,13 +1,20 @@
 //! The `setar-engine` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use setar_engine::backend::cpu::CpuBackend;
 use setar_engine::backend::Backend;
 use setar_engine::config::ClipConfig;
+use setar_engine::data::LabelSet;
 use setar_engine::embed::{run_embed, EmbedJob};
+use setar_engine::jobs::{self, SettingsFile};
+use setar_engine::loss::{Averaging, LocoopConfig};
+use setar_engine::lowrank::{PruneType, WeightType};
 use setar_engine::model::random::{preset, write_random_model};
 use setar_engine::model::Clip;
 use setar_engine::progress::Progress;
+use setar_engine::report::{self, EvalMeta};
+use setar_engine::score::Scorer;
+use setar_engine::search::{Objective, Order, SearchConfig};
 use setar_engine::tokenizer::Tokenizer;
 use setar_engine::weights::{DiskDtype, SaveDtype, WeightsFile};
 use setar_engine::{Error, Result};
@@ -60,6 +67,72 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Search low-rank settings on an ID validation split (an ImageFolder).
+    Search {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// ID validation split: one sub-folder per class.
+        #[arg(long)]
+        id_val: PathBuf,
+        /// Label set: imagenet1k, voc, or a file with one class name per line.
+        #[arg(long, default_value = "imagenet1k")]
+        labels: String,
+        #[command(flatten)]
+        search: SearchArgs,
+        /// Output folder (the search state there makes an interrupted search resume).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Evaluate settings: ID accuracy and OOD metrics per OOD set, scores, plots.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Settings from `search` (lora_settings.json); without it the vanilla model is evaluated.
+        #[arg(long)]
+        settings: Option<PathBuf>,
+        /// ID test split: one sub-folder per class.
+        #[arg(long)]
+        id_test: PathBuf,
+        /// An OOD set as NAME=DIR (repeat for several).
+        #[arg(long = "ood", value_parser = parse_ood, required = true)]
+        ood: Vec<(String, PathBuf)>,
+        #[arg(long, default_value = "imagenet1k")]
+        labels: String,
+        #[command(flatten)]
+        eval: EvalArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Search, then evaluate: the whole SeTAR job. With no arguments it runs on the demo data
+    /// (demo/) with openai/clip-vit-base-patch16 from the Hugging Face hub cache.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// ID dataset folder with `val/` and `test/` ImageFolders (default: demo/id).
+        #[arg(long)]
+        id: Option<PathBuf>,
+        /// OOD sets as NAME=DIR (default: every folder of demo/ood).
+        #[arg(long = "ood", value_parser = parse_ood)]
+        ood: Vec<(String, PathBuf)>,
+        /// Label set (default: demo/labels.txt for the demo, else imagenet1k).
+        #[arg(long)]
+        labels: Option<String>,
+        #[command(flatten)]
+        search: SearchArgs,
+        #[command(flatten)]
+        eval: EvalArgs,
+        #[arg(long, default_value = "setar-run")]
+        out: PathBuf,
+    },
+    /// Write the low-rank model (same layout: HF transformers and this engine load it).
+    Apply {
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        settings: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List the compute devices this build can use.
     Devices,
     /// Write a random CLIP (model.safetensors + config.json) in the real HF layout.
@@ -73,6 +146,261 @@ enum Command {
         #[arg(long, value_enum, default_value_t = SaveDtype::F32)]
         dtype: SaveDtype,
     },
+}
+
+#[derive(Args, Clone, Debug)]
+struct ModelArgs {
+    /// A `.safetensors` file or a folder holding `model.safetensors` (default:
+    /// openai/clip-vit-base-patch16 from the Hugging Face hub cache, downloaded if online).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Images per forward batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PruneArg {
+    Minor,
+    Principal,
+    Random,
+}
+
+#[derive(Args, Clone, Debug)]
+struct SearchArgs {
+    #[arg(long, value_enum, default_value_t = Order::VisualText)]
+    order: Order,
+    #[arg(long, value_enum, default_value_t = Objective::LocoopLoss)]
+    objective: Objective,
+    /// Scorer of the metric objectives (auroc, aupr, fpr).
+    #[arg(long, value_enum, default_value_t = Scorer::Mcm)]
+    objective_scorer: Scorer,
+    /// Candidate ratios (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4"
+    )]
+    ratios: Vec<f64>,
+    #[arg(long, value_enum, default_value_t = WeightType::Up)]
+    weight_type: WeightType,
+    #[arg(long, value_enum, default_value_t = PruneArg::Minor)]
+    prune: PruneArg,
+    /// Seed of the `random` prune type.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// LoCoOp λ (default: 0.1, 0.05 for voc).
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// LoCoOp top-K (default: 300 for imagenet1k, 4 for voc, else 30% of the classes).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Mark OOD patches with the predicted label instead of the true one.
+    #[arg(long)]
+    use_pred_label: bool,
+    /// Images per loss batch (the reference averages per batch of 512).
+    #[arg(long, default_value_t = 512)]
+    loss_batch: usize,
+    /// Average the loss over the whole set instead of per batch.
+    #[arg(long)]
+    whole_set: bool,
+    /// Also search the projections (W_p) first in each tower.
+    #[arg(long)]
+    search_proj: bool,
+    /// Evaluate each candidate the reference's way (re-run everything): slow, for checking.
+    #[arg(long)]
+    naive: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+struct EvalArgs {
+    /// Scorers to report (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mcm,gl_mcm")]
+    scorers: Vec<Scorer>,
+    /// Softmax temperature of the scores (and of the metric objectives).
+    #[arg(long, default_value_t = 100.0)]
+    temperature: f64,
+}
+
+fn parse_ood(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => {
+            let p = PathBuf::from(s);
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or("expected NAME=DIR")?;
+            Ok((name, p))
+        }
+    }
+}
+
+impl SearchArgs {
+    fn config(&self, labels: &LabelSet, temperature: f64, batch: usize) -> Result<SearchConfig> {
+        let classes = labels.classes.len();
+        let (lambda, top_k) = match labels.name.as_str() {
+            "imagenet1k" => (0.1, 300),
+            "voc" => (0.05, 4),
+            _ => (
+                0.1,
+                ((classes as f64 * 0.3).round() as usize).clamp(1, classes),
+            ),
+        };
+        let top_k = self.top_k.unwrap_or(top_k);
+        if top_k == 0 || top_k > classes {
+            return Err(Error::invalid(format!(
+                "--top-k {top_k} must be between 1 and the {classes} classes"
+            )));
+        }
+        Ok(SearchConfig {
+            order: self.order,
+            objective: self.objective,
+            scorer: self.objective_scorer,
+            ratios: self.ratios.clone(),
+            weight: self.weight_type,
+            prune: match self.prune {
+                PruneArg::Minor => PruneType::Minor,
+                PruneArg::Principal => PruneType::Principal,
+                PruneArg::Random => PruneType::Random { seed: self.seed },
+            },
+            locoop: LocoopConfig {
+                lambda: self.lambda.unwrap_or(lambda),
+                top_k,
+                use_pred_label: self.use_pred_label,
+                averaging: if self.whole_set {
+                    Averaging::WholeSet
+                } else {
+                    Averaging::PerBatch(self.loss_batch)
+                },
+            },
+            temperature,
+            recall_level: 0.95,
+            freeze_proj: !self.search_proj,
+            batch,
+            naive: self.naive,
+        })
+    }
+}
+
+/// The checkpoint folder: `--weights`, or openai/clip-vit-base-patch16 through the hub cache.
+fn weights_path(arg: &Option<PathBuf>, progress: Progress) -> Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p.clone()),
+        None => setar_engine::hub::resolve("openai/clip-vit-base-patch16", progress),
+    }
+}
+
+/// Everything a job needs of the model.
+struct Loaded {
+    file: WeightsFile,
+    model: Clip<CpuBackend>,
+    tokenizer: Tokenizer,
+}
+
+fn load(weights: &Path) -> Result<Loaded> {
+    let (file, config) = open(weights)?;
+    let tokenizer = Tokenizer::for_model_dir(file.path().parent())?;
+    let model = Clip::load(CpuBackend::new(), &file, &config)?;
+    Ok(Loaded {
+        file,
+        model,
+        tokenizer,
+    })
+}
+
+fn run_search(
+    l: &Loaded,
+    id_val: &Path,
+    labels: &LabelSet,
+    cfg: &SearchConfig,
+    out: &Path,
+    progress: Progress,
+) -> Result<SettingsFile> {
+    let start = Instant::now();
+    let data = jobs::search_data(&l.model, &l.tokenizer, id_val, labels, progress)?;
+    let (state, settings) = jobs::search(&l.model, &l.file, &data, cfg, out, progress)?;
+    if !progress.quiet {
+        let decided: Vec<String> = settings
+            .lora_settings
+            .iter()
+            .filter(|s| s.ratio > 0.0)
+            .map(|s| format!("{} {}", s.target, s.ratio))
+            .collect();
+        eprintln!(
+            "searched {} steps on {} images in {:.1} s: {} = {:.6}; low-rank: {} → {}",
+            state.steps.len(),
+            data.len(),
+            start.elapsed().as_secs_f64(),
+            cfg.objective.name(),
+            state.best().unwrap_or(f64::NAN),
+            if decided.is_empty() {
+                "none".into()
+            } else {
+                decided.join(", ")
+            },
+            out.join("lora_settings.json").display()
+        );
+    }
+    Ok(settings)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_eval(
+    l: &Loaded,
+    settings: Option<(&Path, SettingsFile)>,
+    id_test: &Path,
+    ood: &[(String, PathBuf)],
+    labels: &LabelSet,
+    eval: &EvalArgs,
+    batch: usize,
+    out: &Path,
+    progress: Progress,
+) -> Result<()> {
+    let empty = SettingsFile {
+        lora_settings: vec![],
+        prune: PruneType::Minor,
+        vision_layers: l.model.config.vision.tower.layers,
+        text_layers: l.model.config.text.tower.layers,
+        vision_width: l.model.config.vision.tower.hidden,
+        text_width: l.model.config.text.tower.hidden,
+    };
+    let settings = match settings {
+        Some((path, s)) => {
+            s.check_model(path, &l.model)?;
+            s
+        }
+        None => empty,
+    };
+    let applied = jobs::apply_settings(&l.model, &l.file, &settings)?;
+    let result = jobs::evaluate(
+        &l.model,
+        &l.tokenizer,
+        &applied,
+        labels,
+        id_test,
+        ood,
+        &eval.scorers,
+        eval.temperature,
+        0.95,
+        batch,
+        progress,
+    )?;
+    let meta = EvalMeta {
+        model: l.file.path().display().to_string(),
+        labels: labels.name.clone(),
+        settings: settings.lora_settings.clone(),
+        temperature: eval.temperature,
+        backend: l.model.backend.name(),
+    };
+    report::write_eval(&result, &meta, out)?;
+    if !progress.quiet {
+        eprintln!("{}", report::markdown(&result, &meta));
+        eprintln!("report: {}", out.join("report.md").display());
+    }
+    Ok(())
 }
 
 /// Opens a checkpoint and its sizes (config.json beside it, else inferred).
@@ -191,6 +519,122 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Search {
+            model,
+            id_val,
+            labels,
+            search,
+            out,
+        } => {
+            let labels = LabelSet::resolve(&labels)?;
+            let l = load(&weights_path(&model.weights, progress)?)?;
+            let cfg = search.config(&labels, 100.0, model.batch)?;
+            run_search(&l, &id_val, &labels, &cfg, &out, progress)?;
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            settings,
+            id_test,
+            ood,
+            labels,
+            eval,
+            out,
+        } => {
+            let labels = LabelSet::resolve(&labels)?;
+            let l = load(&weights_path(&model.weights, progress)?)?;
+            let settings = match &settings {
+                Some(p) => Some((p.as_path(), SettingsFile::read(p)?)),
+                None => None,
+            };
+            run_eval(
+                &l,
+                settings,
+                &id_test,
+                &ood,
+                &labels,
+                &eval,
+                model.batch,
+                &out,
+                progress,
+            )
+        }
+        Command::Run {
+            model,
+            id,
+            ood,
+            labels,
+            search,
+            eval,
+            out,
+        } => {
+            let demo = Path::new("demo");
+            let (id, ood, labels) = match id {
+                Some(id) => (id, ood, labels.unwrap_or_else(|| "imagenet1k".into())),
+                None => {
+                    if !demo.join("id").is_dir() {
+                        return Err(Error::invalid(
+                            "no --id given and no demo/ folder here: run from the repository root, or pass --id DIR (with val/ and test/) and --ood NAME=DIR",
+                        ));
+                    }
+                    let ood = if ood.is_empty() {
+                        demo_ood(&demo.join("ood"))?
+                    } else {
+                        ood
+                    };
+                    let labels =
+                        labels.unwrap_or_else(|| demo.join("labels.txt").display().to_string());
+                    (demo.join("id"), ood, labels)
+                }
+            };
+            if ood.is_empty() {
+                return Err(Error::invalid(
+                    "no OOD sets: pass --ood NAME=DIR at least once",
+                ));
+            }
+            let labels = LabelSet::resolve(&labels)?;
+            let l = load(&weights_path(&model.weights, progress)?)?;
+            let cfg = search.config(&labels, eval.temperature, model.batch)?;
+            let settings = run_search(
+                &l,
+                &id.join("val"),
+                &labels,
+                &cfg,
+                &out.join("search"),
+                progress,
+            )?;
+            let path = out.join("search/lora_settings.json");
+            run_eval(
+                &l,
+                Some((&path, settings)),
+                &id.join("test"),
+                &ood,
+                &labels,
+                &eval,
+                model.batch,
+                &out.join("eval"),
+                progress,
+            )
+        }
+        Command::Apply {
+            weights,
+            settings,
+            out,
+        } => {
+            let l = load(&weights)?;
+            let s = SettingsFile::read(&settings)?;
+            s.check_model(&settings, &l.model)?;
+            let applied = jobs::apply_settings(&l.model, &l.file, &s)?;
+            let file = jobs::write_applied(&l.file, &applied, &l.model.config, &out)?;
+            if !cli.quiet {
+                eprintln!(
+                    "wrote {} ({} low-rank weights)",
+                    file.display(),
+                    applied.host.len()
+                );
+            }
+            Ok(())
+        }
         Command::Devices => {
             println!("cpu {}", CpuBackend::new().name());
             #[cfg(feature = "cuda")]
@@ -219,6 +663,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Every sub-folder of the demo's `ood/` as an OOD set.
+fn demo_ood(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        if p.is_dir() {
+            out.push((
+                p.file_name()
+                    .expect("a folder name")
+                    .to_string_lossy()
+                    .into_owned(),
+                p,
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn main() -> ExitCode {

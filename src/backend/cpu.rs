@@ -195,6 +195,10 @@ impl Backend for CpuBackend {
         Ok(t.clone())
     }
 
+    fn duplicate(&self, t: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t.clone())
+    }
+
     fn linear(
         &self,
         x: &Vec<f32>,
@@ -369,6 +373,51 @@ impl Backend for CpuBackend {
                 o[i] = table[id * dim + i] + positions[t * dim + i];
             }
         });
+        Ok(out)
+    }
+
+    fn lowrank_correct(
+        &self,
+        y0: &Vec<f32>,
+        xv: &Vec<f32>,
+        rows: usize,
+        kmax: usize,
+        rank: usize,
+        su: &F32Data,
+        out_dim: usize,
+    ) -> Result<Vec<f32>> {
+        check_len("y0", y0.len(), rows * out_dim)?;
+        check_len("x·V", xv.len(), rows * kmax)?;
+        check_len("σu", su.len(), kmax * out_dim)?;
+        if rank > kmax {
+            return Err(Error::invalid(format!(
+                "rank {rank} exceeds the {kmax} prepared components"
+            )));
+        }
+        let mut out = y0.clone();
+        if rank == 0 {
+            return Ok(out);
+        }
+        let block = row_block(rows);
+        out.par_chunks_mut(block * out_dim)
+            .zip(xv.par_chunks(block * kmax))
+            .for_each(|(o, x)| {
+                let m = x.len() / kmax;
+                blas::sgemm(
+                    m,
+                    out_dim,
+                    rank,
+                    -1.0,
+                    x,
+                    kmax,
+                    su,
+                    out_dim,
+                    Rhs::Plain,
+                    1.0,
+                    o,
+                    out_dim,
+                );
+            });
         Ok(out)
     }
 

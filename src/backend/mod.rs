@@ -49,6 +49,8 @@ pub trait Backend: Send + Sync {
     fn weight(&self, data: F32Data) -> Result<Self::Weight>;
     fn tensor(&self, data: Vec<f32>) -> Result<Self::Tensor>;
     fn to_vec(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// A copy of `t` on the same device.
+    fn duplicate(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
 
     /// `x[rows, in] · w[out, in]ᵀ + bias[out]`.
     fn linear(
@@ -107,6 +109,19 @@ pub trait Backend: Send + Sync {
         table: &Self::Weight,
         positions: &Self::Weight,
         dim: usize,
+    ) -> Result<Self::Tensor>;
+    /// The low-rank correction of a Linear: `y0[rows, out] − xv[:, :rank] · su[:rank, :]` with
+    /// `xv = x·V` of shape `[rows, kmax]` and `su` (rows σᵢuᵢ) of shape `[kmax, out]`.
+    #[allow(clippy::too_many_arguments)]
+    fn lowrank_correct(
+        &self,
+        y0: &Self::Tensor,
+        xv: &Self::Tensor,
+        rows: usize,
+        kmax: usize,
+        rank: usize,
+        su: &Self::Weight,
+        out_dim: usize,
     ) -> Result<Self::Tensor>;
     /// Rows `rows` of `x[_, dim]`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, dim: usize, rows: &[usize]) -> Result<Self::Tensor>;

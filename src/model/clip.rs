@@ -5,6 +5,8 @@
 use crate::backend::{AttentionMask, AttentionShape, Backend};
 use crate::config::{ClipConfig, TowerConfig};
 use crate::error::{Error, Result};
+use crate::lowrank::{Target, Tower, WeightType};
+use crate::model::overrides::{LinearOverride, Overrides};
 use crate::weights::{is_skipped_buffer, WeightsFile};
 use std::collections::BTreeSet;
 
@@ -33,7 +35,8 @@ pub struct Block<W> {
     pub fc2: Linear<W>,
 }
 
-pub struct Tower<W> {
+/// The stack of transformer blocks of one tower (HF's `encoder`).
+pub struct Encoder<W> {
     pub config: TowerConfig,
     pub blocks: Vec<Block<W>>,
 }
@@ -44,7 +47,7 @@ pub struct VisionTower<W> {
     pub class_embedding: W,
     pub positions: W,
     pub pre_ln: LayerNorm<W>,
-    pub tower: Tower<W>,
+    pub encoder: Encoder<W>,
     pub post_ln: LayerNorm<W>,
     pub projection: Linear<W>,
 }
@@ -52,7 +55,7 @@ pub struct VisionTower<W> {
 pub struct TextTower<W> {
     pub token_embedding: W,
     pub positions: W,
-    pub tower: Tower<W>,
+    pub encoder: Encoder<W>,
     pub final_ln: LayerNorm<W>,
     pub projection: Linear<W>,
 }
@@ -113,7 +116,7 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
-    fn tower(&mut self, prefix: &str, config: &TowerConfig) -> Result<Tower<B::Weight>> {
+    fn tower(&mut self, prefix: &str, config: &TowerConfig) -> Result<Encoder<B::Weight>> {
         let (d, i) = (config.hidden, config.intermediate);
         let blocks = (0..config.layers)
             .map(|l| {
@@ -130,7 +133,7 @@ impl<B: Backend> Loader<'_, B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tower {
+        Ok(Encoder {
             config: config.clone(),
             blocks,
         })
@@ -165,7 +168,7 @@ impl<B: Backend> Clip<B> {
                 &[vc.tokens(), dv],
             )?,
             pre_ln: l.norm("vision_model.pre_layrnorm", dv)?,
-            tower: l.tower("vision_model", &vc.tower)?,
+            encoder: l.tower("vision_model", &vc.tower)?,
             post_ln: l.norm("vision_model.post_layernorm", dv)?,
             projection: l.linear("visual_projection", p, dv, false)?,
         };
@@ -178,7 +181,7 @@ impl<B: Backend> Clip<B> {
                 "text_model.embeddings.position_embedding.weight",
                 &[tc.context_length, dt],
             )?,
-            tower: l.tower("text_model", &tc.tower)?,
+            encoder: l.tower("text_model", &tc.tower)?,
             final_ln: l.norm("text_model.final_layer_norm", dt)?,
             projection: l.linear("text_projection", p, dt, false)?,
         };
@@ -226,6 +229,35 @@ impl<B: Backend> Clip<B> {
         )
     }
 
+    /// A Linear of `tower` (layer `layer`, or the projection for `W_p`), honouring overrides.
+    fn target_linear(
+        &self,
+        x: &B::Tensor,
+        rows: usize,
+        base: &Linear<B::Weight>,
+        target: Target,
+        ov: &Overrides<B>,
+    ) -> Result<B::Tensor> {
+        match ov.get(&target) {
+            None => self.linear(x, rows, base),
+            Some(LinearOverride::Weight(w)) => self.linear(x, rows, w),
+            Some(LinearOverride::Delta {
+                vt,
+                su,
+                kmax,
+                rank,
+                memo,
+            }) => {
+                let shared = memo.next_or(|| {
+                    Ok::<_, Error>((self.linear(x, rows, base)?, self.linear(x, rows, vt)?))
+                })?;
+                let (y0, xv) = (&shared.0, &shared.1);
+                self.backend
+                    .lowrank_correct(y0, xv, rows, *kmax, *rank, su, base.out_dim)
+            }
+        }
+    }
+
     fn norm(
         &self,
         x: &B::Tensor,
@@ -236,36 +268,60 @@ impl<B: Backend> Clip<B> {
         self.backend.layer_norm(x, dim, &ln.gamma, &ln.beta, eps)
     }
 
-    /// `h += fc2(act(fc1(ln2(h))))`.
+    fn tower(&self, tower: Tower) -> (&Encoder<B::Weight>, &TowerConfig) {
+        match tower {
+            Tower::Visual => (&self.vision.encoder, &self.config.vision.tower),
+            Tower::Text => (&self.text.encoder, &self.config.text.tower),
+        }
+    }
+
+    /// `h += fc2(act(fc1(ln2(h))))` for block `layer` of `tower`.
     fn mlp_residual(
         &self,
         h: &mut B::Tensor,
         rows: usize,
-        block: &Block<B::Weight>,
-        cfg: &TowerConfig,
+        tower: Tower,
+        layer: usize,
+        ov: &Overrides<B>,
     ) -> Result<()> {
+        let (tw, cfg) = self.tower(tower);
+        let block = &tw.blocks[layer];
+        let t = |weight| Target {
+            tower,
+            weight,
+            layer: Some(layer),
+        };
         let x = self.norm(h, cfg.hidden, &block.ln2, cfg.eps)?;
-        let mut m = self.linear(&x, rows, &block.fc1)?;
+        let mut m = self.target_linear(&x, rows, &block.fc1, t(WeightType::Up), ov)?;
         self.backend.activate(&mut m, cfg.act)?;
-        let m = self.linear(&m, rows, &block.fc2)?;
+        let m = self.target_linear(&m, rows, &block.fc2, t(WeightType::Down), ov)?;
         self.backend.add_assign(h, &m)
     }
 
-    /// One full block on `[batch·seq, hidden]` hidden states.
+    /// One full block of `tower` on `[batch·seq, hidden]` hidden states.
+    #[allow(clippy::too_many_arguments)]
     pub fn block_forward(
         &self,
         h: &mut B::Tensor,
-        block: &Block<B::Weight>,
-        cfg: &TowerConfig,
+        tower: Tower,
+        layer: usize,
         batch: usize,
         seq: usize,
         mask: &AttentionMask,
+        ov: &Overrides<B>,
     ) -> Result<()> {
+        let (tw, cfg) = self.tower(tower);
+        let block = &tw.blocks[layer];
+        let t = |weight| Target {
+            tower,
+            weight,
+            layer: Some(layer),
+        };
         let rows = batch * seq;
         let x = self.norm(h, cfg.hidden, &block.ln1, cfg.eps)?;
-        let q = self.linear(&x, rows, &block.q)?;
-        let k = self.linear(&x, rows, &block.k)?;
-        let v = self.linear(&x, rows, &block.v)?;
+        let q = self.target_linear(&x, rows, &block.q, t(WeightType::Q), ov)?;
+        let k = self.target_linear(&x, rows, &block.k, t(WeightType::K), ov)?;
+        let v = self.target_linear(&x, rows, &block.v, t(WeightType::V), ov)?;
         let shape = AttentionShape {
             batch,
             seq,
@@ -274,9 +330,9 @@ impl<B: Backend> Clip<B> {
             head_dim: cfg.head_dim(),
         };
         let a = self.backend.attention(&q, &k, &v, shape, mask)?;
-        let o = self.linear(&a, rows, &block.o)?;
+        let o = self.target_linear(&a, rows, &block.o, t(WeightType::O), ov)?;
         self.backend.add_assign(h, &o)?;
-        self.mlp_residual(h, rows, block, cfg)
+        self.mlp_residual(h, rows, tower, layer, ov)
     }
 
     /// The vision tower's token states after `pre_layrnorm`: `[n · tokens, hidden]`.
@@ -303,64 +359,108 @@ impl<B: Backend> Clip<B> {
         self.norm(&tokens, vc.tower.hidden, &self.vision.pre_ln, vc.tower.eps)
     }
 
+    /// Runs vision blocks `layers` (all but the last block, which `vision_head` runs).
+    pub fn vision_layers(
+        &self,
+        h: &mut B::Tensor,
+        n: usize,
+        layers: std::ops::Range<usize>,
+        ov: &Overrides<B>,
+    ) -> Result<()> {
+        let t = self.config.vision.tokens();
+        for l in layers {
+            self.block_forward(h, Tower::Visual, l, n, t, &AttentionMask::default(), ov)?;
+        }
+        Ok(())
+    }
+
     /// Global (and optionally local) image features of `n` preprocessed images
     /// (`[n, channels, size, size]`).
     pub fn encode_images(&self, pixels: &[f32], n: usize, local: bool) -> Result<ImageFeatures> {
-        let cfg = &self.config.vision.tower;
-        let t = self.config.vision.tokens();
-        let mut h = self.vision_embed(pixels, n)?;
-        let last = cfg
-            .layers
-            .checked_sub(1)
-            .ok_or_else(|| Error::invalid("the vision tower has no layers"))?;
-        for block in &self.vision.tower.blocks[..last] {
-            self.block_forward(&mut h, block, cfg, n, t, &AttentionMask::default())?;
-        }
-        self.last_vision_block(&h, n, local)
+        self.encode_images_with(pixels, n, local, &Overrides::none())
     }
 
-    /// The last vision block, computing only what the features need: the class token's query
-    /// and MLP for the pooled feature, and for the local features GL-MCM's value path on the
-    /// patch tokens, `x + out_proj(v_proj(ln1(x)))` then the MLP residual, which reuses the
-    /// block's own `v_proj(ln1(x))`.
-    pub fn last_vision_block(&self, h: &B::Tensor, n: usize, local: bool) -> Result<ImageFeatures> {
+    pub fn encode_images_with(
+        &self,
+        pixels: &[f32],
+        n: usize,
+        local: bool,
+        ov: &Overrides<B>,
+    ) -> Result<ImageFeatures> {
+        let layers = self.config.vision.tower.layers;
+        if layers == 0 {
+            return Err(Error::invalid("the vision tower has no layers"));
+        }
+        let mut h = self.vision_embed(pixels, n)?;
+        self.vision_layers(&mut h, n, 0..layers - 1, ov)?;
+        self.vision_head(&h, n, local, ov)
+    }
+
+    /// The last vision block and the projection, computing only what the features need: the
+    /// class token's query and MLP for the pooled feature, and for the local features GL-MCM's
+    /// value path on the patch tokens, `x + out_proj(v_proj(ln1(x)))` then the MLP residual,
+    /// which reuses the block's own `v_proj(ln1(x))` and the same (possibly low-rank) weights.
+    pub fn vision_head(
+        &self,
+        h: &B::Tensor,
+        n: usize,
+        local: bool,
+        ov: &Overrides<B>,
+    ) -> Result<ImageFeatures> {
         let (b, cfg) = (&self.backend, &self.config.vision.tower);
-        let block = self
-            .vision
-            .tower
-            .blocks
-            .last()
-            .ok_or_else(|| Error::invalid("the vision tower has no layers"))?;
-        let t = self.config.vision.tokens();
-        let rows = n * t;
-        let cls_rows: Vec<usize> = (0..n).map(|i| i * t).collect();
+        let layer = cfg.layers - 1;
+        let block = &self.vision.encoder.blocks[layer];
+        let t = |weight| Target {
+            tower: Tower::Visual,
+            weight,
+            layer: Some(layer),
+        };
+        let proj = Target {
+            tower: Tower::Visual,
+            weight: WeightType::P,
+            layer: None,
+        };
+        let tokens = self.config.vision.tokens();
+        let rows = n * tokens;
+        let cls_rows: Vec<usize> = (0..n).map(|i| i * tokens).collect();
         let xn = self.norm(h, cfg.hidden, &block.ln1, cfg.eps)?;
-        let k = self.linear(&xn, rows, &block.k)?;
-        let v = self.linear(&xn, rows, &block.v)?;
-        let q = self.linear(&b.gather_rows(&xn, cfg.hidden, &cls_rows)?, n, &block.q)?;
+        let k = self.target_linear(&xn, rows, &block.k, t(WeightType::K), ov)?;
+        let v = self.target_linear(&xn, rows, &block.v, t(WeightType::V), ov)?;
+        let q = self.target_linear(
+            &b.gather_rows(&xn, cfg.hidden, &cls_rows)?,
+            n,
+            &block.q,
+            t(WeightType::Q),
+            ov,
+        )?;
         let shape = AttentionShape {
             batch: n,
-            seq: t,
+            seq: tokens,
             queries: 1,
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
         };
         let a = b.attention(&q, &k, &v, shape, &AttentionMask::default())?;
         let mut cls = b.gather_rows(h, cfg.hidden, &cls_rows)?;
-        b.add_assign(&mut cls, &self.linear(&a, n, &block.o)?)?;
-        self.mlp_residual(&mut cls, n, block, cfg)?;
+        b.add_assign(
+            &mut cls,
+            &self.target_linear(&a, n, &block.o, t(WeightType::O), ov)?,
+        )?;
+        self.mlp_residual(&mut cls, n, Tower::Visual, layer, ov)?;
         let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-        let embeds = b.to_vec(&self.linear(&cls, n, &self.vision.projection)?)?;
+        let embeds =
+            b.to_vec(&self.target_linear(&cls, n, &self.vision.projection, proj, ov)?)?;
         let local = if local {
             let patch_rows: Vec<usize> = (0..n)
-                .flat_map(|i| (1..t).map(move |j| i * t + j))
+                .flat_map(|i| (1..tokens).map(move |j| i * tokens + j))
                 .collect();
             let m = patch_rows.len();
-            let mut val = self.linear(&b.gather_rows(&v, cfg.hidden, &patch_rows)?, m, &block.o)?;
+            let vp = b.gather_rows(&v, cfg.hidden, &patch_rows)?;
+            let mut val = self.target_linear(&vp, m, &block.o, t(WeightType::O), ov)?;
             b.add_assign(&mut val, &b.gather_rows(h, cfg.hidden, &patch_rows)?)?;
-            self.mlp_residual(&mut val, m, block, cfg)?;
+            self.mlp_residual(&mut val, m, Tower::Visual, layer, ov)?;
             let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-            Some(b.to_vec(&self.linear(&val, m, &self.vision.projection)?)?)
+            Some(b.to_vec(&self.target_linear(&val, m, &self.vision.projection, proj, ov)?)?)
         } else {
             None
         };
@@ -383,10 +483,9 @@ impl<B: Backend> Clip<B> {
             .collect()
     }
 
-    /// Text features of a padded batch of token ids `[n, seq]` with each row's real length.
-    pub fn encode_text(&self, ids: &[u32], lengths: &[usize], seq: usize) -> Result<Vec<f32>> {
+    /// Token + position embeddings of a padded batch of ids `[n, seq]`, checked.
+    pub fn text_embed(&self, ids: &[u32], lengths: &[usize], seq: usize) -> Result<B::Tensor> {
         let tc = &self.config.text;
-        let cfg = &tc.tower;
         if seq == 0 || ids.len() % seq != 0 || ids.len() / seq != lengths.len() {
             return Err(Error::invalid(format!(
                 "text batch: {} ids, {} lengths and sequence length {seq} do not agree",
@@ -400,31 +499,75 @@ impl<B: Backend> Clip<B> {
                 tc.context_length
             )));
         }
-        let n = lengths.len();
-        let b = &self.backend;
-        let mut h = b.text_tokens(
+        self.backend.text_tokens(
             ids,
             seq,
             &self.text.token_embedding,
             &self.text.positions,
-            cfg.hidden,
-        )?;
+            tc.tower.hidden,
+        )
+    }
+
+    /// Runs text blocks `layers` (causal + padding masks).
+    pub fn text_layers(
+        &self,
+        h: &mut B::Tensor,
+        lengths: &[usize],
+        seq: usize,
+        layers: std::ops::Range<usize>,
+        ov: &Overrides<B>,
+    ) -> Result<()> {
         let mask = AttentionMask {
             causal: true,
             lengths: Some(lengths.to_vec()),
         };
-        for block in &self.text.tower.blocks {
-            self.block_forward(&mut h, block, cfg, n, seq, &mask)?;
+        for l in layers {
+            self.block_forward(h, Tower::Text, l, lengths.len(), seq, &mask, ov)?;
         }
+        Ok(())
+    }
+
+    /// Final LayerNorm at the pooled (EOS) positions and the text projection.
+    pub fn text_head(
+        &self,
+        h: &B::Tensor,
+        ids: &[u32],
+        seq: usize,
+        ov: &Overrides<B>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config.text.tower;
+        let b = &self.backend;
         let rows: Vec<usize> = self
             .eos_positions(ids, seq)
             .iter()
             .enumerate()
             .map(|(i, p)| i * seq + p)
             .collect();
-        let pooled = b.gather_rows(&h, cfg.hidden, &rows)?;
+        let pooled = b.gather_rows(h, cfg.hidden, &rows)?;
         let pooled = self.norm(&pooled, cfg.hidden, &self.text.final_ln, cfg.eps)?;
-        b.to_vec(&self.linear(&pooled, n, &self.text.projection)?)
+        let proj = Target {
+            tower: Tower::Text,
+            weight: WeightType::P,
+            layer: None,
+        };
+        b.to_vec(&self.target_linear(&pooled, rows.len(), &self.text.projection, proj, ov)?)
+    }
+
+    /// Text features of a padded batch of token ids `[n, seq]` with each row's real length.
+    pub fn encode_text(&self, ids: &[u32], lengths: &[usize], seq: usize) -> Result<Vec<f32>> {
+        self.encode_text_with(ids, lengths, seq, &Overrides::none())
+    }
+
+    pub fn encode_text_with(
+        &self,
+        ids: &[u32],
+        lengths: &[usize],
+        seq: usize,
+        ov: &Overrides<B>,
+    ) -> Result<Vec<f32>> {
+        let mut h = self.text_embed(ids, lengths, seq)?;
+        self.text_layers(&mut h, lengths, seq, 0..self.config.text.tower.layers, ov)?;
+        self.text_head(&h, ids, seq, ov)
     }
 }
 

@@ -4,3 +4,4 @@ pub mod clip;
 pub mod random;
 
 pub use clip::{Clip, ImageFeatures};
+pub mod overrides;

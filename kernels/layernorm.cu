@@ -1,0 +1,33 @@
+// LayerNorm over the last dimension, one warp per row, two passes (mean, then the variance of
+// the deviations) like the CPU twin `backend::cpu::layer_norm_into`.
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_impl(const T* x, const T* gamma, const T* beta, T* out,
+                                                int rows, int dim, float eps) {
+    int row = blockIdx.x * SETAR_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* xr = x + (long long)row * dim;
+    T* orow = out + (long long)row * dim;
+    float s = 0.f;
+    for (int i = lane; i < dim; i += 32) s += to_float(xr[i]);
+    float mean = warp_sum(s) / (float)dim;
+    float v = 0.f;
+    for (int i = lane; i < dim; i += 32) {
+        float d = to_float(xr[i]) - mean;
+        v += d * d;
+    }
+    float inv = 1.0f / sqrtf(warp_sum(v) / (float)dim + eps);
+    for (int i = lane; i < dim; i += 32)
+        orow[i] = from_float<T>((to_float(xr[i]) - mean) * inv * to_float(gamma[i]) +
+                                to_float(beta[i]));
+}
+
+#define LAYER_NORM(T, S)                                                                      \
+    extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
+        layer_norm_##S(const T* x, const T* gamma, const T* beta, T* out, int rows, int dim,  \
+                       float eps) {                                                           \
+        layer_norm_impl<T>(x, gamma, beta, out, rows, dim, eps);                              \
+    }
+SETAR_FOR_EACH_TYPE(LAYER_NORM)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The CUDA device check: GPU tests, then setar-engine's image tower beside HF transformers on the
+# same checkpoint and batch, in one run. Runs on a machine with an NVIDIA GPU, torch and
+# transformers, and NO Rust toolchain and no network, from the repository root, with the
+# binaries and test executables that /work/shared/tools/device-pack.sh packed into .device/
+# (built here with `--features cuda`). Writes under $OUT (default ./device-check-out):
+#   device-check.md   the table (also printed last)       setar.json  device_check's numbers
+#   hf.json           the PyTorch peer's numbers           tests.log   the GPU tests' output
+#   run.log           everything else
+# Budget: about 3-4 minutes on an H200 (8 at most); each step has its own timeout.
+#
+#   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
+#   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])
+# Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (f32,bf16,f16).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device-check-out}
+BATCH=${BATCH:-256}
+REPS=${REPS:-10}
+PYTHON=${PYTHON:-python3}
+MODEL=${MODEL:-/tmp/setar-vitb16}
+DTYPES=${DTYPES:-f32,bf16,f16}
+mkdir -p "$OUT"
+
+main() {
+start=$(date +%s)
+status=0
+
+if [ ! -d .device/bin ] || [ ! -d .device/tests ]; then
+  echo "no .device/ here: run FEATURES=cuda /work/shared/tools/device-pack.sh on the build machine and carry .device"
+  return 2
+fi
+
+# CUDA libraries: the driver's, the toolkit's, then those of Python's nvidia-* wheels (torch's
+# cuBLAS / NVRTC 13), so cudarc's dynamic loading finds libcuda, libcublas(Lt) and libnvrtc.
+pylibs=$($PYTHON - <<'PY' 2>/dev/null
+import glob, os, site, sysconfig
+roots = set(site.getsitepackages() + [sysconfig.get_paths()["purelib"]])
+dirs = sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "lib"))})
+print(":".join(dirs))
+PY
+)
+export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${pylibs:+:$pylibs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export SETAR_KERNEL_CACHE=${SETAR_KERNEL_CACHE:-/tmp/setar-kernels}
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
+  found=$(for d in ${LD_LIBRARY_PATH//:/ }; do [ -e "$d/$lib" ] && echo "$d/$lib" && break; done)
+  echo "  $lib: ${found:-$(ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{print $NF}')}"
+done
+
+echo "== GPU tests (SETAR_REQUIRE_CUDA=1)"
+tests=$(ls .device/tests/cuda-* 2>/dev/null | head -1)
+if [ -z "$tests" ]; then
+  echo "no packed tests/cuda.rs executable (.device/tests/cuda-*)"; status=1
+else
+  SETAR_REQUIRE_CUDA=1 SETAR_REQUIRE_NVRTC=1 timeout 240 "$tests" --test-threads=1 --nocapture \
+    > "$OUT/tests.log" 2>&1
+  rc=$?
+  grep -E "^test |test result|SKIP|panicked|‖Δ‖|CUDA vs CPU" "$OUT/tests.log" | tail -150
+  [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc $rc): see $OUT/tests.log"; status=1; }
+  # Again with the kernels NVRTC compiles at run time (the first run used build.rs's fatbins
+  # when the pack was built with nvcc; otherwise this repeats the NVRTC run, in seconds).
+  echo "== GPU tests again, kernels from NVRTC (SETAR_CUDA_KERNELS=nvrtc)"
+  SETAR_CUDA_KERNELS=nvrtc SETAR_REQUIRE_CUDA=1 SETAR_REQUIRE_NVRTC=1 timeout 240 "$tests" \
+    --test-threads=1 >> "$OUT/tests.log" 2>&1
+  rc=$?
+  tail -3 "$OUT/tests.log"
+  [ $rc -eq 0 ] || { echo "GPU TESTS (NVRTC kernels) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
+fi
+
+echo "== setar-engine device_check (parity + image tower, batch $BATCH)"
+timeout 300 .device/bin/device_check --model "$MODEL" --batch "$BATCH" --reps "$REPS" \
+  --dtypes "$DTYPES" --out "$OUT/setar.json" || { echo "device_check FAILED"; status=1; }
+
+echo "== PyTorch peer (HF CLIPModel, sdpa)"
+if [ -f "$MODEL/model.safetensors" ]; then
+  PYTHONUNBUFFERED=1 timeout 240 $PYTHON scripts/hf_gpu_peer.py --model "$MODEL" --batch "$BATCH" \
+    --reps $((REPS * 2)) --dtypes bf16,f32 > "$OUT/hf.json" || { echo "peer FAILED"; status=1; }
+else
+  echo "no model at $MODEL"; status=1
+fi
+
+$PYTHON - "$OUT" "$BATCH" "$(( $(date +%s) - start ))" <<'PY'
+import json, os, sys
+out, batch, wall = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except Exception as e:
+        return {"error": f"{name}: {e}"}
+ours, hf = load("setar.json"), load("hf.json")
+L = [f"# CUDA device check ({(ours.get('devices') or ['?'])[0]}, {hf.get('peer', '?')})", ""]
+L += [f"Image tower, ViT-B/16 random weights (real layout), 224 px, batch {batch}, global features.", "",
+      "| dtype | setar-engine img/s (end to end) | setar-engine img/s (pixels on device) | TFLOP/s | HF img/s | ratio (device-resident / HF) |",
+      "|---|---|---|---|---|---|"]
+tower, peer = ours.get("image_tower", {}), hf.get("image_tower", {})
+for d in ["bf16", "f16", "f32"]:
+    t = tower.get(d)
+    if not t:
+        continue
+    if "error" in t:
+        L.append(f"| {d} | ERROR {t['error']} | | | | |"); continue
+    p = peer.get(d, {}).get("img_per_s")
+    ratio = f"{t['img_per_s_device_resident'] / p:.2f}x" if p else "–"
+    L.append(f"| {d} | {t['img_per_s']:.0f} | {t['img_per_s_device_resident']:.0f} | {t['tflops_device_resident']:.0f} | {p and round(p) or '–'} | {ratio} |")
+g_ours, g_torch = ours.get("gemm_bf16_8192_tflops"), hf.get("gemm_bf16_8192_tflops")
+L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, float) else round(g_torch)} TFLOP/s, "
+      f"our cuBLASLt path {g_ours if not isinstance(g_ours, float) else round(g_ours)} TFLOP/s."]
+bf = tower.get("bf16", {})
+if isinstance(g_torch, float) and "tflops_device_resident" in bf:
+    L.append(f"Image tower bf16 at {bf['tflops_device_resident'] / g_torch:.0%} of the measured torch bf16 GEMM rate (target ≥ 50%).")
+L += ["", "Parity, CUDA vs CPU f32, worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
+      "| checkpoint | " + " | ".join(["f32", "bf16", "f16"]) + " |", "|---|---|---|---|"]
+for name, r in ours.get("parity", {}).items():
+    if "error" in r:
+        L.append(f"| {name} | ERROR {r['error']} | | |"); continue
+    cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in ["f32", "bf16", "f16"]]
+    L.append(f"| {name} | " + " | ".join(cells) + " |")
+L += ["", f"Libraries: {', '.join(ours.get('libraries', []))}", f"Wall time of the check: {wall} s."]
+text = "\n".join(L) + "\n"
+open(os.path.join(out, "device-check.md"), "w").write(text)
+print(text)
+PY
+echo "device check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) in $(( $(date +%s) - start )) s; files in $OUT"
+return $status
+}
+
+main 2>&1 | tee "$OUT/run.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,958 @@
+//! [`CudaBackend`]: the [`Backend`] trait on one CUDA device. Weights and activations live on
+//! the device in the storage dtype; only `to_vec` brings values back.
+
+use super::device::{Device, DeviceBuffer, IndexBuffer};
+use super::gemm::{Batched, Gemm, GemmPath};
+use super::kernels::{Arg, Kernels, Launch};
+use super::DType;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttentionMask, AttentionShape, Backend};
+use crate::config::Activation;
+use crate::error::{Error, Result};
+use crate::weights::F32Data;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+#[cfg(target_endian = "big")]
+compile_error!("kernel arguments are packed for little-endian hosts");
+
+/// How to build a [`CudaBackend`].
+#[derive(Clone, Copy, Debug)]
+pub struct CudaOptions {
+    /// Storage dtype of weights and activations (`--dtype`); accumulation is always f32.
+    pub dtype: DType,
+    /// Which library runs the Linear layers.
+    pub gemm: GemmPath,
+    /// Fill each new buffer with NaN before an op writes it, so unwritten outputs show (tests).
+    pub poison: bool,
+    /// Wait for the device after every op, so a faulting kernel is reported by the op that
+    /// launched it (debugging; also set by `SETAR_CUDA_SYNC=1`).
+    pub sync_each_op: bool,
+}
+
+impl CudaOptions {
+    pub fn new(dtype: DType) -> CudaOptions {
+        CudaOptions {
+            dtype,
+            gemm: GemmPath::Auto,
+            poison: false,
+            sync_each_op: std::env::var("SETAR_CUDA_SYNC").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// A tensor (or weight) on the device: `len` values of the backend's dtype.
+#[derive(Debug)]
+pub struct CudaTensor {
+    buf: DeviceBuffer,
+}
+
+impl CudaTensor {
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.buf.dtype()
+    }
+
+    pub fn buffer(&self) -> &DeviceBuffer {
+        &self.buf
+    }
+
+    fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+}
+
+/// Activation codes of `kernels/activation.cu`.
+const ACT_NONE: i32 = 0;
+
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::QuickGelu => 1,
+        Activation::Gelu => 2,
+        Activation::GeluTanh => 3,
+    }
+}
+
+/// Elements per launch of the flat in-place kernels (keeps `int` column counts in range).
+const CHUNK: usize = 1 << 30;
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid(format!(
+            "{what}: {got} values, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} is too large for a kernel")))
+}
+
+fn i64_of(v: usize) -> i64 {
+    v as i64
+}
+
+/// The Backend trait on one CUDA device.
+pub struct CudaBackend {
+    // Drop order: library handles and modules before the device's stream and context.
+    gemm: Gemm,
+    kernels: Kernels,
+    dev: Device,
+    opts: CudaOptions,
+}
+
+impl CudaBackend {
+    /// `cuda:ordinal` with `dtype` storage and default options.
+    pub fn new(ordinal: usize, dtype: DType) -> Result<CudaBackend> {
+        CudaBackend::with_options(ordinal, CudaOptions::new(dtype))
+    }
+
+    /// Opens the device, loads the kernels, creates the cuBLAS handles and runs a small
+    /// self-check of every library entry point the backend uses. No device, a missing
+    /// library, a kernel that does not compile, or a library that panics: an `Error`.
+    pub fn with_options(ordinal: usize, opts: CudaOptions) -> Result<CudaBackend> {
+        let built = catch_unwind(AssertUnwindSafe(|| -> Result<CudaBackend> {
+            let dev = Device::open(ordinal, opts.poison)?;
+            let kernels = Kernels::load(&dev)?;
+            let gemm = Gemm::new(&dev, opts.gemm)?;
+            let backend = CudaBackend {
+                gemm,
+                kernels,
+                dev,
+                opts,
+            };
+            backend.self_check()?;
+            Ok(backend)
+        }));
+        built.unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::invalid(format!(
+                "cuda:{ordinal}: a CUDA library failed: {msg}"
+            )))
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.opts.dtype
+    }
+
+    pub fn options(&self) -> CudaOptions {
+        self.opts
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Where the kernels came from: "prebuilt", "cache", "nvrtc" (or a mix, "cache+nvrtc").
+    pub fn kernel_origin(&self) -> String {
+        self.kernels.summary()
+    }
+
+    /// Waits for all queued work and reports deferred errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    /// Milliseconds of device time `f` queues, measured with CUDA events.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        use cudarc::driver::sys::CUevent_flags;
+        let ctx = self.dev.context();
+        let start = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| self.dev.err("event", e))?;
+        let end = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| self.dev.err("event", e))?;
+        start
+            .record(self.dev.stream())
+            .map_err(|e| self.dev.err("event", e))?;
+        f()?;
+        end.record(self.dev.stream())
+            .map_err(|e| self.dev.err("event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| self.dev.err("event", e))?;
+        self.dev.synchronize()?;
+        Ok(ms)
+    }
+
+    fn kernel(&self, op: &str) -> String {
+        format!("{op}_{}", self.opts.dtype.name())
+    }
+
+    fn launch(&self, op: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
+        let name = self.kernel(op);
+        self.kernels.launch(&self.dev, &name, cfg, args)?;
+        self.after(&name)
+    }
+
+    fn after(&self, what: &str) -> Result<()> {
+        if self.opts.sync_each_op {
+            self.dev
+                .synchronize()
+                .map_err(|e| Error::invalid(format!("after {what}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// A new tensor of `len` values (NaN when poisoning).
+    pub fn empty(&self, len: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.dev.alloc(len, self.opts.dtype)?,
+        })
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> Result<CudaTensor> {
+        let d = self.opts.dtype;
+        if d == DType::F32 {
+            return Ok(CudaTensor {
+                buf: self.dev.upload(data, DType::F32)?,
+            });
+        }
+        let staging = self.dev.upload(data, DType::F32)?;
+        let out = self.empty(data.len())?;
+        if !data.is_empty() {
+            self.launch(
+                "cast_from_f32",
+                Launch::elementwise(data.len() as u64),
+                &[
+                    Arg::Ptr(staging.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(i64_of(data.len())),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn download_f32(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        if t.dtype() == DType::F32 {
+            return self.dev.download::<f32>(&t.buf);
+        }
+        let staging = self.dev.alloc(t.len(), DType::F32)?;
+        if !t.is_empty() {
+            self.launch(
+                "cast_to_f32",
+                Launch::elementwise(t.len() as u64),
+                &[
+                    Arg::Ptr(t.ptr()),
+                    Arg::Ptr(staging.ptr()),
+                    Arg::I64(i64_of(t.len())),
+                ],
+            )?;
+        }
+        self.dev.download::<f32>(&staging)
+    }
+
+    /// In place: `x[r, c] = act(x[r, c] + bias[c])` (`act` as in kernels/activation.cu).
+    fn bias_act(&self, x: u64, bias: Option<u64>, rows: usize, dim: usize, act: i32) -> Result<()> {
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "bias_act",
+            Launch::columns_by_rows(rows as u64, dim as u64),
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(bias.unwrap_or(0)),
+                Arg::I64(i64_of(rows)),
+                Arg::I32(i32_of("columns", dim)?),
+                Arg::I32(act),
+            ],
+        )
+    }
+
+    /// L2-normalises each row of `x[_, dim]` in place (CPU twin:
+    /// `model::clip::l2_normalize_rows`).
+    pub fn l2_normalize_rows(&self, x: &mut CudaTensor, dim: usize) -> Result<()> {
+        if dim == 0 || x.len() % dim != 0 {
+            return Err(Error::invalid(format!(
+                "l2 normalise: {} values are not rows of {dim}",
+                x.len()
+            )));
+        }
+        let rows = x.len() / dim;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "l2_normalize",
+            Launch::rows(rows as u64)?,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::I32(i32_of("rows", rows)?),
+                Arg::I32(i32_of("dim", dim)?),
+            ],
+        )
+    }
+
+    /// The masked softmax of attention, on its own: `scores` are f32 rows
+    /// `[batch, heads, queries, ld]` (the first `seq` columns valid); returns the probabilities
+    /// `[rows, seq]` after a round trip through the storage dtype. For tests and checks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn masked_softmax(
+        &self,
+        scores: &[f32],
+        batch: usize,
+        heads: usize,
+        queries: usize,
+        seq: usize,
+        ld: usize,
+        mask: &AttentionMask,
+    ) -> Result<Vec<f32>> {
+        let rows = batch * heads * queries;
+        check_len("scores", scores.len(), rows * ld)?;
+        if ld < seq {
+            return Err(Error::invalid(format!("ld {ld} < seq {seq}")));
+        }
+        let s = self.dev.upload(scores, DType::F32)?;
+        let probs = self.empty(rows * ld)?;
+        self.softmax(&s, &probs.buf, batch, heads, queries, seq, ld, mask)?;
+        let all = self.download_f32(&probs)?;
+        Ok(all
+            .chunks(ld.max(1))
+            .flat_map(|r| r[..seq].iter().copied())
+            .collect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn softmax(
+        &self,
+        scores: &DeviceBuffer,
+        probs: &DeviceBuffer,
+        batch: usize,
+        heads: usize,
+        queries: usize,
+        seq: usize,
+        ld: usize,
+        mask: &AttentionMask,
+    ) -> Result<()> {
+        let rows = batch * heads * queries;
+        if rows == 0 {
+            return Ok(());
+        }
+        let lengths: Option<IndexBuffer> = match &mask.lengths {
+            Some(l) => {
+                check_len("attention lengths", l.len(), batch)?;
+                let l32: Vec<i32> = l.iter().map(|&x| x.min(i32::MAX as usize) as i32).collect();
+                Some(self.dev.upload_indices(&l32)?)
+            }
+            None => None,
+        };
+        self.launch(
+            "softmax",
+            Launch::rows(rows as u64)?,
+            &[
+                Arg::Ptr(scores.ptr()),
+                Arg::Ptr(probs.ptr()),
+                Arg::I64(i64_of(rows)),
+                Arg::I32(i32_of("seq", seq)?),
+                Arg::I32(i32_of("ld", ld)?),
+                Arg::I32(i32_of("queries", queries)?),
+                Arg::I32(i32_of("heads", heads)?),
+                Arg::I32(mask.causal as i32),
+                Arg::Ptr(lengths.as_ref().map_or(0, |l| l.ptr())),
+            ],
+        )
+    }
+
+    /// Device TFLOP/s of the Linear GEMM `[n, k] · [m, k]ᵀ` in this backend's dtype and GEMM
+    /// path (random operands; median of `reps` timed runs after 3 warm-ups).
+    pub fn bench_gemm(&self, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+        let x = self.upload_f32(&pseudo_random(n * k, 1))?;
+        let w = self.upload_f32(&pseudo_random(m * k, 2))?;
+        let out = self.empty(n * m)?;
+        let run = || {
+            self.gemm
+                .linear(
+                    &self.dev,
+                    x.ptr(),
+                    n,
+                    w.ptr(),
+                    None,
+                    out.ptr(),
+                    m,
+                    k,
+                    self.opts.dtype,
+                )
+                .map(|_| ())
+        };
+        for _ in 0..3 {
+            run()?;
+        }
+        let mut times: Vec<f32> = (0..reps.max(1))
+            .map(|_| self.time_ms(run))
+            .collect::<Result<_>>()?;
+        times.sort_by(f32::total_cmp);
+        let ms = times[times.len() / 2] as f64;
+        Ok(2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12)
+    }
+
+    /// Runs the Linear GEMM (both library paths where the options allow) and a tiny masked
+    /// attention against the CPU once, so a broken library fails here, as an error.
+    fn self_check(&self) -> Result<()> {
+        let cpu = CpuBackend::new();
+        // Small multiples of 1/4: exact in bf16 and f16, so only output rounding differs.
+        let vals = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7 + seed * 3) % 9) as f32 - 4.0) * 0.25)
+                .collect()
+        };
+        let (rows, out_dim, in_dim) = (3, 5, 4);
+        let x = vals(rows * in_dim, 1);
+        let w = vals(out_dim * in_dim, 2);
+        let bias = vals(out_dim, 3);
+        let owned = |v: &[f32]| crate::backend::cpu::owned(v.to_vec());
+        let want = cpu.linear(&x, rows, &owned(&w), Some(&owned(&bias)), out_dim, in_dim)?;
+        let (dx, dw, db) = (
+            self.upload_f32(&x)?,
+            self.upload_f32(&w)?,
+            self.upload_f32(&bias)?,
+        );
+        let paths: &[GemmPath] = match self.opts.gemm {
+            GemmPath::Blas => &[GemmPath::Blas],
+            _ => &[GemmPath::Lt, GemmPath::Blas],
+        };
+        for &path in paths {
+            let out = self.empty(rows * out_dim)?;
+            let res = self.gemm.linear_with(
+                path,
+                &self.dev,
+                dx.ptr(),
+                rows,
+                dw.ptr(),
+                Some(db.ptr()),
+                out.ptr(),
+                out_dim,
+                in_dim,
+                self.opts.dtype,
+            );
+            let fused = match res {
+                Ok(f) => f,
+                // Auto falls back to cuBLAS, which is checked next.
+                Err(_) if path == GemmPath::Lt && self.opts.gemm == GemmPath::Auto => continue,
+                Err(e) => return Err(e),
+            };
+            if !fused {
+                self.bias_act(out.ptr(), Some(db.ptr()), rows, out_dim, ACT_NONE)?;
+            }
+            let got = self.download_f32(&out)?;
+            close("self-check: Linear", path, &got, &want, 1e-2)?;
+        }
+        let shape = AttentionShape {
+            batch: 2,
+            seq: 3,
+            queries: 3,
+            heads: 2,
+            head_dim: 2,
+        };
+        let n = shape.batch * shape.seq * shape.width();
+        let (q, k, v) = (vals(n, 4), vals(n, 5), vals(n, 6));
+        let mask = AttentionMask {
+            causal: true,
+            lengths: Some(vec![3, 2]),
+        };
+        let want = cpu.attention(&q, &k, &v, shape, &mask)?;
+        let got = self.attention(
+            &self.upload_f32(&q)?,
+            &self.upload_f32(&k)?,
+            &self.upload_f32(&v)?,
+            shape,
+            &mask,
+        )?;
+        close(
+            "self-check: attention",
+            GemmPath::Blas,
+            &self.download_f32(&got)?,
+            &want,
+            1e-2,
+        )
+    }
+}
+
+fn close(what: &str, path: GemmPath, got: &[f32], want: &[f32], tol: f64) -> Result<()> {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    let err = (num / den.max(1e-30)).sqrt();
+    if err.is_nan() || err > tol || got.len() != want.len() {
+        return Err(Error::invalid(format!(
+            "{what} ({path:?}) differs from the CPU: relative error {err:.3e} (got {got:?}, want {want:?})"
+        )));
+    }
+    Ok(())
+}
+
+/// Deterministic values in [-1, 1) (an LCG), for benchmarks: never time zeros.
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaTensor;
+
+    fn name(&self) -> String {
+        let (major, minor) = self.dev.arch();
+        format!(
+            "cuda:{} {} (sm_{major}{minor}, {}, kernels: {}, GEMM: {:?})",
+            self.dev.ordinal(),
+            self.dev.name(),
+            self.opts.dtype,
+            self.kernels.summary(),
+            self.opts.gemm
+        )
+    }
+
+    fn weight(&self, data: F32Data) -> Result<CudaTensor> {
+        self.upload_f32(&data)
+    }
+
+    fn tensor(&self, data: Vec<f32>) -> Result<CudaTensor> {
+        self.upload_f32(&data)
+    }
+
+    fn to_vec(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        self.download_f32(t)
+    }
+
+    fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        let out = self.empty(t.len())?;
+        self.dev.copy(&t.buf, &out.buf)?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        rows: usize,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<CudaTensor> {
+        check_len("linear input", x.len(), rows * in_dim)?;
+        check_len("linear weight", w.len(), out_dim * in_dim)?;
+        if let Some(b) = bias {
+            check_len("linear bias", b.len(), out_dim)?;
+        }
+        let out = self.empty(rows * out_dim)?;
+        if rows == 0 || out_dim == 0 {
+            return Ok(out);
+        }
+        let fused = if in_dim == 0 {
+            self.dev.fill_bytes(&out.buf, 0)?;
+            false
+        } else {
+            let fused = self.gemm.linear(
+                &self.dev,
+                x.ptr(),
+                rows,
+                w.ptr(),
+                bias.map(|b| b.ptr()),
+                out.ptr(),
+                out_dim,
+                in_dim,
+                self.opts.dtype,
+            )?;
+            self.after("GEMM")?;
+            fused
+        };
+        if let (false, Some(b)) = (fused, bias) {
+            self.bias_act(out.ptr(), Some(b.ptr()), rows, out_dim, ACT_NONE)?;
+        }
+        Ok(out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        dim: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        if dim == 0 || x.len() % dim != 0 {
+            return Err(Error::invalid(format!(
+                "layer norm: {} values are not rows of {dim}",
+                x.len()
+            )));
+        }
+        check_len("layer norm weight", gamma.len(), dim)?;
+        check_len("layer norm bias", beta.len(), dim)?;
+        let rows = x.len() / dim;
+        let out = self.empty(x.len())?;
+        if rows > 0 {
+            self.launch(
+                "layer_norm",
+                Launch::rows(rows as u64)?,
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(gamma.ptr()),
+                    Arg::Ptr(beta.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(i32_of("rows", rows)?),
+                    Arg::I32(i32_of("dim", dim)?),
+                    Arg::F32(eps),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn activate(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
+        let mut start = 0;
+        while start < x.len() {
+            let n = CHUNK.min(x.len() - start);
+            self.bias_act(x.buf.ptr_at(start), None, 1, n, act_code(act))?;
+            start += n;
+        }
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        check_len("residual", y.len(), x.len())?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        self.launch(
+            "add_assign",
+            Launch::elementwise(x.len() as u64),
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(y.ptr()),
+                Arg::I64(i64_of(x.len())),
+            ],
+        )
+    }
+
+    /// Per head h, strided-batched over the sequences: `S = scale · Q_h·K_hᵀ` into f32 scores
+    /// `[batch, heads, queries, ld]` (ld = seq rounded up to 8, for aligned bf16 rows), the
+    /// masked softmax into probabilities in the storage dtype (in place for f32), then
+    /// `O_h = P·V_h` straight into the head's columns of the output.
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        shape: AttentionShape,
+        mask: &AttentionMask,
+    ) -> Result<CudaTensor> {
+        let (batch, seq, nq, heads, hd) = (
+            shape.batch,
+            shape.seq,
+            shape.queries,
+            shape.heads,
+            shape.head_dim,
+        );
+        let w = shape.width();
+        check_len("q", q.len(), batch * nq * w)?;
+        check_len("k", k.len(), batch * seq * w)?;
+        check_len("v", v.len(), batch * seq * w)?;
+        if nq > seq {
+            return Err(Error::invalid(format!("{nq} queries for {seq} keys")));
+        }
+        if let Some(l) = &mask.lengths {
+            check_len("attention lengths", l.len(), batch)?;
+        }
+        let out = self.empty(q.len())?;
+        if q.is_empty() {
+            return Ok(out);
+        }
+        let d = self.opts.dtype;
+        let ld = seq.next_multiple_of(8);
+        let rows = batch * heads * nq;
+        let scores = self.dev.alloc(rows * ld, DType::F32)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for h in 0..heads {
+            self.gemm.batched(
+                &self.dev,
+                &Batched {
+                    transa: true,
+                    transb: false,
+                    m: seq,
+                    n: nq,
+                    k: hd,
+                    alpha: scale,
+                    a: k.buf.ptr_at(h * hd),
+                    a_type: d,
+                    lda: w,
+                    stride_a: seq * w,
+                    b: q.buf.ptr_at(h * hd),
+                    b_type: d,
+                    ldb: w,
+                    stride_b: nq * w,
+                    beta: 0.0,
+                    c: scores.ptr_at(h * nq * ld),
+                    c_type: DType::F32,
+                    ldc: ld,
+                    stride_c: heads * nq * ld,
+                    batch,
+                },
+            )?;
+        }
+        self.after("attention scores")?;
+        let probs_buf;
+        let probs = if d == DType::F32 {
+            &scores
+        } else {
+            probs_buf = self.dev.alloc(rows * ld, d)?;
+            &probs_buf
+        };
+        self.softmax(&scores, probs, batch, heads, nq, seq, ld, mask)?;
+        for h in 0..heads {
+            self.gemm.batched(
+                &self.dev,
+                &Batched {
+                    transa: false,
+                    transb: false,
+                    m: hd,
+                    n: nq,
+                    k: seq,
+                    alpha: 1.0,
+                    a: v.buf.ptr_at(h * hd),
+                    a_type: d,
+                    lda: w,
+                    stride_a: seq * w,
+                    b: probs.ptr_at(h * nq * ld),
+                    b_type: d,
+                    ldb: ld,
+                    stride_b: heads * nq * ld,
+                    beta: 0.0,
+                    c: out.buf.ptr_at(h * hd),
+                    c_type: d,
+                    ldc: w,
+                    stride_c: nq * w,
+                    batch,
+                },
+            )?;
+        }
+        self.after("attention output")?;
+        Ok(out)
+    }
+
+    fn patchify(
+        &self,
+        pixels: &CudaTensor,
+        batch: usize,
+        channels: usize,
+        size: usize,
+        patch: usize,
+    ) -> Result<CudaTensor> {
+        check_len("pixels", pixels.len(), batch * channels * size * size)?;
+        if patch == 0 {
+            return Err(Error::invalid("patch size 0"));
+        }
+        let grid = size / patch;
+        let out = self.empty(batch * grid * grid * channels * patch * patch)?;
+        if !out.is_empty() {
+            self.launch(
+                "patchify",
+                Launch::elementwise(out.len() as u64),
+                &[
+                    Arg::Ptr(pixels.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(i32_of("batch", batch)?),
+                    Arg::I32(i32_of("channels", channels)?),
+                    Arg::I32(i32_of("size", size)?),
+                    Arg::I32(i32_of("patch", patch)?),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn vision_tokens(
+        &self,
+        patches: &CudaTensor,
+        batch: usize,
+        class_embedding: &CudaTensor,
+        positions: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor> {
+        if dim == 0 || positions.len() % dim != 0 || positions.len() < dim {
+            return Err(Error::invalid(format!(
+                "position embeddings: {} values are not tokens of {dim}",
+                positions.len()
+            )));
+        }
+        let tokens = positions.len() / dim;
+        check_len("class embedding", class_embedding.len(), dim)?;
+        check_len(
+            "patch embeddings",
+            patches.len(),
+            batch * (tokens - 1) * dim,
+        )?;
+        let out = self.empty(batch * tokens * dim)?;
+        if !out.is_empty() {
+            self.launch(
+                "vision_tokens",
+                Launch::elementwise(out.len() as u64),
+                &[
+                    Arg::Ptr(patches.ptr()),
+                    Arg::Ptr(class_embedding.ptr()),
+                    Arg::Ptr(positions.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(i32_of("batch", batch)?),
+                    Arg::I32(i32_of("tokens", tokens)?),
+                    Arg::I32(i32_of("dim", dim)?),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn text_tokens(
+        &self,
+        ids: &[u32],
+        seq: usize,
+        table: &CudaTensor,
+        positions: &CudaTensor,
+        dim: usize,
+    ) -> Result<CudaTensor> {
+        if dim == 0 {
+            return Err(Error::invalid("text tokens: dim 0"));
+        }
+        let vocab = table.len() / dim;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if seq * dim > positions.len() {
+            return Err(Error::invalid(format!(
+                "{seq} tokens exceed the model's {} positions",
+                positions.len() / dim
+            )));
+        }
+        let out = self.empty(ids.len() * dim)?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        if seq == 0 {
+            return Err(Error::invalid("text tokens: sequence length 0"));
+        }
+        let dev_ids = self.dev.upload_indices(ids)?;
+        self.launch(
+            "text_tokens",
+            Launch::elementwise(out.len() as u64),
+            &[
+                Arg::Ptr(dev_ids.ptr()),
+                Arg::Ptr(table.ptr()),
+                Arg::Ptr(positions.ptr()),
+                Arg::Ptr(out.ptr()),
+                Arg::I64(i64_of(ids.len())),
+                Arg::I32(i32_of("seq", seq)?),
+                Arg::I32(i32_of("dim", dim)?),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// `y0 − xv[:, :rank] · su[:rank, :]`: one cuBLAS GEMM (alpha −1, beta 1) on a copy of
+    /// y0. Column-major: `Y' (out × rows) −= SU' (out × rank, ld out) · XV' (rank × rows, ld
+    /// kmax)`. (The fused kernel for a nest of ranks is still to come: kernels/README.md.)
+    fn lowrank_correct(
+        &self,
+        y0: &CudaTensor,
+        xv: &CudaTensor,
+        rows: usize,
+        kmax: usize,
+        rank: usize,
+        su: &CudaTensor,
+        out_dim: usize,
+    ) -> Result<CudaTensor> {
+        check_len("y0", y0.len(), rows * out_dim)?;
+        check_len("x·V", xv.len(), rows * kmax)?;
+        check_len("σu", su.len(), kmax * out_dim)?;
+        if rank > kmax {
+            return Err(Error::invalid(format!(
+                "rank {rank} exceeds the {kmax} prepared components"
+            )));
+        }
+        let out = self.empty(y0.len())?;
+        self.dev.copy(&y0.buf, &out.buf)?;
+        if rank == 0 || rows == 0 || out_dim == 0 {
+            return Ok(out);
+        }
+        let d = self.opts.dtype;
+        self.gemm.batched(
+            &self.dev,
+            &Batched {
+                transa: false,
+                transb: false,
+                m: out_dim,
+                n: rows,
+                k: rank,
+                alpha: -1.0,
+                a: su.ptr(),
+                a_type: d,
+                lda: out_dim,
+                stride_a: 0,
+                b: xv.ptr(),
+                b_type: d,
+                ldb: kmax,
+                stride_b: 0,
+                beta: 1.0,
+                c: out.ptr(),
+                c_type: d,
+                ldc: out_dim,
+                stride_c: 0,
+                batch: 1,
+            },
+        )?;
+        self.after("low-rank correction")?;
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, dim: usize, rows: &[usize]) -> Result<CudaTensor> {
+        if dim == 0 {
+            return Err(Error::invalid("gather rows: dim 0"));
+        }
+        let n = x.len() / dim;
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::invalid(format!("row {r} out of {n}")));
+        }
+        let out = self.empty(rows.len() * dim)?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let dev_rows = self.dev.upload_indices(&idx)?;
+        self.launch(
+            "gather_rows",
+            Launch::elementwise(out.len() as u64),
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(dev_rows.ptr()),
+                Arg::Ptr(out.ptr()),
+                Arg::I64(i64_of(rows.len())),
+                Arg::I32(i32_of("dim", dim)?),
+            ],
+        )?;
+        Ok(out)
+    }
+}

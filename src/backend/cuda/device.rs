@@ -1,0 +1,331 @@
+//! One device, one stream, and the memory on it.
+//!
+//! Everything the backend does is ordered on a single non-blocking stream, so cudarc's
+//! per-buffer event tracking is switched off (it would create two events per allocation) and
+//! buffers are freed stream-ordered (`cuMemFreeAsync`): a buffer dropped right after a launch
+//! that reads it is still valid for that launch. The default memory pool keeps freed memory
+//! (release threshold = ∞), like PyTorch's caching allocator, so the many per-op allocations of
+//! a forward pass cost no driver round trips after the first one.
+
+use super::{cuda_error, DType};
+use crate::error::{Error, Result};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
+use std::sync::Arc;
+
+/// An error unless the CUDA driver library can be loaded (cudarc would panic on first use).
+pub fn require_driver() -> Result<()> {
+    // SAFETY: only tries to dlopen the library.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "no CUDA driver library (libcuda.so) on this machine",
+        ))
+    }
+}
+
+/// An error unless cuBLAS and cuBLASLt can be loaded.
+pub fn require_blas() -> Result<()> {
+    // SAFETY: only tries to dlopen the libraries.
+    let (blas, lt) = unsafe {
+        (
+            cudarc::cublas::sys::is_culib_present(),
+            cudarc::cublaslt::sys::is_culib_present(),
+        )
+    };
+    match (blas, lt) {
+        (true, true) => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "CUDA libraries missing: {}{}(CUDA 13: libcublas.so.13, libcublasLt.so.13; put their folder on LD_LIBRARY_PATH)",
+            if blas { "" } else { "cuBLAS " },
+            if lt { "" } else { "cuBLASLt " }
+        ))),
+    }
+}
+
+/// A typed run of device memory: `len` elements of `dtype`.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    bytes: CudaSlice<u8>,
+    len: usize,
+    dtype: DType,
+}
+
+impl DeviceBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device address (for kernel arguments and cuBLAS).
+    pub fn ptr(&self) -> u64 {
+        // Event tracking is off: this records nothing and waits for nothing.
+        let (ptr, _guard) = self.bytes.device_ptr(self.bytes.stream());
+        ptr
+    }
+
+    /// The address of element `i`.
+    pub fn ptr_at(&self, i: usize) -> u64 {
+        self.ptr() + (i * self.dtype.size()) as u64
+    }
+}
+
+/// Plain integers on the device (token ids, row numbers, sequence lengths).
+#[derive(Debug)]
+pub struct IndexBuffer {
+    bytes: CudaSlice<u8>,
+}
+
+impl IndexBuffer {
+    pub fn ptr(&self) -> u64 {
+        let (ptr, _guard) = self.bytes.device_ptr(self.bytes.stream());
+        ptr
+    }
+}
+
+/// The context and stream of one device.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    name: String,
+    arch: (i32, i32),
+    /// Fill every new buffer with NaN bytes (0xFF) before use: tests see unwritten outputs.
+    poison: bool,
+}
+
+impl Device {
+    /// Opens `cuda:ordinal`.
+    pub fn open(ordinal: usize, poison: bool) -> Result<Device> {
+        require_driver()?;
+        let what = format!("cuda:{ordinal}");
+        let count = CudaContext::device_count().map_err(|e| cuda_error("CUDA", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::invalid(format!(
+                "{what}: no such device ({count} CUDA device{} visible)",
+                if count == 1 { "" } else { "s" }
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error(&what, e))?;
+        // SAFETY: every buffer of this context lives on the one stream made below, so no
+        // cross-stream synchronisation is needed; buffers made before this call: none.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cuda_error(&what, e))?;
+        let name = ctx.name().map_err(|e| cuda_error(&what, e))?;
+        let arch = ctx.compute_capability().map_err(|e| cuda_error(&what, e))?;
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx).map_err(|e| cuda_error(&format!("{what}: memory pool"), e))?;
+        }
+        Ok(Device {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            arch,
+            poison,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability, e.g. (9, 0) for an H100 / H200.
+    pub fn arch(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn err(&self, what: &str, e: DriverError) -> Error {
+        cuda_error(&format!("cuda:{} {what}", self.ordinal), e)
+    }
+
+    /// Makes this device's context current on the calling thread (cuBLAS and raw launches
+    /// need it; cudarc's safe calls do it themselves).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| self.err("bind", e))
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| self.err("memory info", e))
+    }
+
+    /// An uninitialised buffer (NaN-filled when poisoning). Out of memory is an error that
+    /// says how much was asked for and how much is free.
+    pub fn alloc(&self, len: usize, dtype: DType) -> Result<DeviceBuffer> {
+        let bytes = len.checked_mul(dtype.size()).ok_or_else(|| {
+            Error::invalid(format!(
+                "{len} elements of {dtype} overflow the address space"
+            ))
+        })?;
+        let buf = DeviceBuffer {
+            bytes: self.alloc_bytes(bytes)?,
+            len,
+            dtype,
+        };
+        if self.poison {
+            self.fill_bytes(&buf, 0xFF)?;
+        }
+        Ok(buf)
+    }
+
+    fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: the memory is uninitialised; every op writes its output before reading it,
+        // and poisoning fills it.
+        unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let (free, total) = self.memory().unwrap_or((0, 0));
+                Error::invalid(format!(
+                    "cuda:{}: out of memory allocating {:.1} MiB ({:.1} of {:.1} MiB free)",
+                    self.ordinal,
+                    bytes as f64 / (1 << 20) as f64,
+                    free as f64 / (1 << 20) as f64,
+                    total as f64 / (1 << 20) as f64
+                ))
+            } else {
+                self.err(&format!("allocating {bytes} bytes"), e)
+            }
+        })
+    }
+
+    fn copy_in(&self, dst: &mut CudaSlice<u8>, src: &[u8]) -> Result<()> {
+        if !src.is_empty() {
+            let mut dst = dst.slice_mut(..src.len());
+            self.stream
+                .memcpy_htod(src, &mut dst)
+                .map_err(|e| self.err("host → device copy", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies indices (token ids, row numbers, lengths) to the device.
+    pub fn upload_indices<T: bytemuck::Pod>(&self, data: &[T]) -> Result<IndexBuffer> {
+        let src: &[u8] = bytemuck::cast_slice(data);
+        let mut bytes = self.alloc_bytes(src.len())?;
+        self.copy_in(&mut bytes, src)?;
+        Ok(IndexBuffer { bytes })
+    }
+
+    /// Copies `src` into `dst` (same dtype and length), stream-ordered.
+    pub fn copy(&self, src: &DeviceBuffer, dst: &DeviceBuffer) -> Result<()> {
+        if src.len != dst.len || src.dtype != dst.dtype {
+            return Err(Error::invalid(format!(
+                "device copy: {} {} into {} {}",
+                src.len, src.dtype, dst.len, dst.dtype
+            )));
+        }
+        let bytes = src.len * src.dtype.size();
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges lie inside live allocations; ordered on our stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.ptr(),
+                src.ptr(),
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| self.err("device → device copy", e))
+    }
+
+    /// Sets every byte of `buf` to `value` (0xFF makes NaNs of every float type).
+    pub fn fill_bytes(&self, buf: &DeviceBuffer, value: u8) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the range is inside the allocation; ordered on our stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                buf.ptr(),
+                value,
+                buf.len * buf.dtype.size(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| self.err("memset", e))
+    }
+
+    /// Copies plain host values (f32, i32, i64, u32, …) into a new buffer of `dtype`, whose
+    /// element size must be the host type's.
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T], dtype: DType) -> Result<DeviceBuffer> {
+        if std::mem::size_of::<T>() != dtype.size() {
+            return Err(Error::invalid(format!(
+                "upload: {}-byte host values into {dtype}",
+                std::mem::size_of::<T>()
+            )));
+        }
+        let mut buf = self.alloc(data.len(), dtype)?;
+        self.copy_in(&mut buf.bytes, bytemuck::cast_slice(data))?;
+        Ok(buf)
+    }
+
+    /// Copies a buffer back into host values of the same element size (waits for the stream).
+    pub fn download<T: bytemuck::Pod + Default>(&self, buf: &DeviceBuffer) -> Result<Vec<T>> {
+        if std::mem::size_of::<T>() != buf.dtype.size() {
+            return Err(Error::invalid(format!(
+                "download: {} into {}-byte host values",
+                buf.dtype,
+                std::mem::size_of::<T>()
+            )));
+        }
+        let mut out = vec![T::default(); buf.len];
+        if !out.is_empty() {
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+            let src = buf.bytes.slice(..dst.len());
+            self.stream
+                .memcpy_dtoh(&src, dst)
+                .map_err(|e| self.err("device → host copy", e))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Waits for all queued work; reports any error a kernel or copy left behind.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| self.err("synchronize", e))?;
+        self.ctx
+            .check_err()
+            .map_err(|e| self.err("deferred error", e))
+    }
+}
+
+/// Keeps freed memory in the default pool instead of returning it to the driver at each
+/// synchronisation.
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver queries on a valid device; `threshold` outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+    }
+}

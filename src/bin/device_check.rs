@@ -1,0 +1,389 @@
+//! `device_check`: what the device machine runs (scripts/device-check.sh calls it).
+//!
+//! 1. CUDA vs CPU parity on the parity fixtures (tests/fixtures/models, found from the current
+//!    directory) and on a random ViT-B/16 in the real layout, per dtype;
+//! 2. the image tower at 224 px, batch B (256), in each dtype: images/s end to end (host
+//!    pixels in, host features out) and with the pixel upload timed apart;
+//! 3. the Linear GEMM rate of our cuBLASLt path (bf16, 8192³).
+//!
+//! Writes one JSON object (`--out FILE`, default stdout) and prints a summary to stderr.
+//!
+//!     device_check --model /tmp/setar-vitb16 --batch 256 --reps 10 --out result.json
+//!
+//! `--model DIR` is written (random ViT-B/16, seed 0, f32) when it holds no model; the PyTorch
+//! peer (scripts/hf_gpu_peer.py) then reads the same checkpoint.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("device_check: built without `--features cuda`; nothing to check");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    if let Err(e) = check::run() {
+        eprintln!("device_check: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod check {
+    use serde_json::{json, Value};
+    use setar_engine::backend::cpu::CpuBackend;
+    use setar_engine::backend::cuda::{self, CudaBackend, DType};
+    use setar_engine::backend::Backend;
+    use setar_engine::config::ClipConfig;
+    use setar_engine::model::clip::logits;
+    use setar_engine::model::random::{preset, write_random_model};
+    use setar_engine::model::Clip;
+    use setar_engine::weights::{SaveDtype, WeightsFile};
+    use setar_engine::{Error, Result};
+    use std::path::{Path, PathBuf};
+    use std::time::Instant;
+
+    struct Args {
+        out: Option<PathBuf>,
+        model: PathBuf,
+        fixtures: PathBuf,
+        batch: usize,
+        reps: usize,
+        dtypes: Vec<DType>,
+        skip_parity: bool,
+        skip_timing: bool,
+    }
+
+    fn parse() -> Result<Args> {
+        let mut a = Args {
+            out: None,
+            model: std::env::temp_dir().join("setar-vitb16"),
+            fixtures: PathBuf::from("tests/fixtures/models"),
+            batch: 256,
+            reps: 10,
+            dtypes: vec![DType::F32, DType::BF16, DType::F16],
+            skip_parity: false,
+            skip_timing: false,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || {
+                it.next()
+                    .ok_or_else(|| Error::invalid(format!("{flag} needs a value")))
+            };
+            match flag.as_str() {
+                "--out" => a.out = Some(value()?.into()),
+                "--model" => a.model = value()?.into(),
+                "--fixtures" => a.fixtures = value()?.into(),
+                "--batch" => a.batch = num(&value()?)?,
+                "--reps" => a.reps = num(&value()?)?,
+                "--dtypes" => {
+                    a.dtypes = value()?
+                        .split(',')
+                        .map(|s| s.parse())
+                        .collect::<Result<_>>()?
+                }
+                "--skip-parity" => a.skip_parity = true,
+                "--skip-timing" => a.skip_timing = true,
+                "-h" | "--help" => {
+                    eprintln!(
+                        "device_check [--out FILE] [--model DIR] [--fixtures DIR] [--batch 256] [--reps 10] [--dtypes f32,bf16,f16] [--skip-parity] [--skip-timing]"
+                    );
+                    std::process::exit(0);
+                }
+                other => return Err(Error::invalid(format!("unknown argument {other}"))),
+            }
+        }
+        Ok(a)
+    }
+
+    fn num(s: &str) -> Result<usize> {
+        s.parse()
+            .map_err(|_| Error::invalid(format!("not a number: {s}")))
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        if a.len() != b.len() {
+            return f64::NAN;
+        }
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// Deterministic values in [lo, hi).
+    fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    /// Text inputs: `n` prompts padded to `seq`, each ended by the EOS id (or, when that is
+    /// outside the vocabulary, the largest id), other ids below it.
+    fn prompts(config: &ClipConfig, n: usize, seq: usize) -> (Vec<u32>, Vec<usize>) {
+        let vocab = config.text.vocab_size.max(1) as u32;
+        let top = (config.text.eos_token_id as u32).min(vocab - 1);
+        let lengths: Vec<usize> = (0..n).map(|i| 2 + (i * 5) % (seq - 1)).collect();
+        let ids = lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &l)| {
+                (0..seq).map(move |j| {
+                    if j + 1 == l {
+                        top
+                    } else if j >= l || top < 2 {
+                        0
+                    } else {
+                        1 + (i as u32 * 131 + j as u32 * 17) % (top - 1)
+                    }
+                })
+            })
+            .collect();
+        (ids, lengths)
+    }
+
+    /// CUDA (each dtype) vs CPU f32 on one checkpoint: image, local, text embeddings, logits.
+    fn parity(dir: &Path, dtypes: &[DType], images: usize, texts: usize) -> Result<Value> {
+        let weights = WeightsFile::open(dir)?;
+        let config = ClipConfig::for_weights(&weights)?;
+        let vc = &config.vision;
+        let pixels = values(
+            images * vc.channels * vc.image_size * vc.image_size,
+            7,
+            -2.0,
+            2.0,
+        );
+        let seq = 12.min(config.text.context_length);
+        let (ids, lengths) = prompts(&config, texts, seq);
+        let t = Instant::now();
+        let cpu = Clip::load(CpuBackend::new(), &weights, &config)?;
+        let ci = cpu.encode_images(&pixels, images, true)?;
+        let ct = cpu.encode_text(&ids, &lengths, seq)?;
+        let cpu_s = t.elapsed().as_secs_f64();
+        let p = config.projection_dim;
+        let cl = logits(&ci.embeds, &ct, p, cpu.logit_scale);
+        let mut out = serde_json::Map::new();
+        for &dtype in dtypes {
+            let gpu = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+            let gi = gpu.encode_images(&pixels, images, true)?;
+            let gt = gpu.encode_text(&ids, &lengths, seq)?;
+            let gl = logits(&gi.embeds, &gt, p, gpu.logit_scale);
+            let errs = json!({
+                "image_embeds": rel_err(&gi.embeds, &ci.embeds),
+                "image_local_embeds": rel_err(gi.local.as_deref().unwrap_or(&[]), ci.local.as_deref().unwrap_or(&[])),
+                "text_embeds": rel_err(&gt, &ct),
+                "logits": rel_err(&gl, &cl),
+            });
+            eprintln!("  {:<24} {dtype:>4}: {errs}", dir.display());
+            out.insert(dtype.name().into(), errs);
+        }
+        out.insert("cpu_seconds".into(), json!(cpu_s));
+        out.insert("images".into(), json!(images));
+        out.insert("prompts".into(), json!(texts));
+        Ok(Value::Object(out))
+    }
+
+    /// Multiply-adds ×2 of one image through the tower, global features only, as we compute
+    /// it: patch embedding, L−1 full blocks, the last block's class-token path, projection.
+    fn image_gflop(c: &ClipConfig) -> f64 {
+        let v = &c.vision;
+        let (d, i, t) = (
+            v.tower.hidden as f64,
+            v.tower.intermediate as f64,
+            v.tokens() as f64,
+        );
+        let patches = (v.grid() * v.grid()) as f64;
+        let patch = 2.0 * patches * d * (v.channels * v.patch_size * v.patch_size) as f64;
+        let block = 2.0 * t * (4.0 * d * d + 2.0 * d * i) + 2.0 * 2.0 * t * t * d;
+        let last = 2.0 * t * 2.0 * d * d // k, v
+            + 2.0 * (2.0 * d * d + 2.0 * d * i) // q, o, fc1, fc2 on the class token
+            + 2.0 * 2.0 * t * d; // one query's attention
+        let proj = 2.0 * d * c.projection_dim as f64;
+        (patch + (v.tower.layers as f64 - 1.0) * block + last + proj) / 1e9
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    fn timing(dir: &Path, dtype: DType, batch: usize, reps: usize) -> Result<Value> {
+        let weights = WeightsFile::open(dir)?;
+        let config = ClipConfig::for_weights(&weights)?;
+        let t = Instant::now();
+        let model = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+        let load_s = t.elapsed().as_secs_f64();
+        let vc = &config.vision;
+        let pixels = values(
+            batch * vc.channels * vc.image_size * vc.image_size,
+            11,
+            -2.0,
+            2.0,
+        );
+        let run = |local: bool| -> Result<f64> {
+            let t = Instant::now();
+            let f = model.encode_images(&pixels, batch, local)?;
+            if f.embeds.iter().any(|x| !x.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "{dtype}: non-finite image features"
+                )));
+            }
+            Ok(t.elapsed().as_secs_f64())
+        };
+        for _ in 0..2 {
+            run(false)?;
+        }
+        let total: Vec<f64> = (0..reps).map(|_| run(false)).collect::<Result<_>>()?;
+        let local: Vec<f64> = (0..reps.div_ceil(2))
+            .map(|_| run(true))
+            .collect::<Result<_>>()?;
+        // The host → device pixel upload (and cast), timed on its own.
+        let b = &model.backend;
+        let upload: Vec<f64> = (0..reps)
+            .map(|_| -> Result<f64> {
+                let t = Instant::now();
+                let px = b.tensor(pixels.clone())?;
+                b.synchronize()?;
+                drop(px);
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_>>()?;
+        let (tm, um, lm) = (
+            median(total.clone()),
+            median(upload.clone()),
+            median(local.clone()),
+        );
+        let gflop = image_gflop(&config);
+        let on_device = batch as f64 / (tm - um).max(1e-9);
+        let res = json!({
+            "backend": b.name(),
+            "batch": batch,
+            "load_seconds": load_s,
+            "seconds": total,
+            "upload_seconds": upload,
+            "local_seconds": local,
+            "img_per_s": batch as f64 / tm,
+            "img_per_s_device_resident": on_device,
+            "img_per_s_with_local": batch as f64 / lm,
+            "gflop_per_image": gflop,
+            "tflops_device_resident": on_device * gflop / 1e3,
+        });
+        eprintln!(
+            "  {dtype:>4} batch {batch}: {:.0} img/s end to end, {:.0} img/s without the upload ({:.1} TFLOP/s), {:.0} img/s with local features",
+            batch as f64 / tm,
+            on_device,
+            on_device * gflop / 1e3,
+            batch as f64 / lm
+        );
+        Ok(res)
+    }
+
+    /// The shared libraries this process loaded from CUDA (which copies were found).
+    fn loaded_libraries() -> Vec<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let mut libs: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|p| {
+                ["libcuda", "libcublas", "libnvrtc"]
+                    .iter()
+                    .any(|n| p.contains(n))
+            })
+            .map(String::from)
+            .collect();
+        libs.sort();
+        libs.dedup();
+        libs
+    }
+
+    pub fn run() -> Result<()> {
+        let args = parse()?;
+        let t0 = Instant::now();
+        let mut report = serde_json::Map::new();
+        let devices = cuda::devices()?;
+        eprintln!("devices: {devices:?}");
+        report.insert("devices".into(), json!(devices));
+        report.insert(
+            "nvrtc".into(),
+            json!(cuda::kernels::nvrtc_version()
+                .ok()
+                .map(|(a, b)| format!("{a}.{b}"))),
+        );
+        report.insert(
+            "prebuilt_kernels".into(),
+            json!(cuda::kernels::has_prebuilt()),
+        );
+
+        if !args.model.join("model.safetensors").is_file() {
+            eprintln!("writing a random ViT-B/16 to {}", args.model.display());
+            let t = Instant::now();
+            write_random_model(&preset("vit-b-16")?, &args.model, 0, SaveDtype::F32)?;
+            eprintln!("  {:.1} s", t.elapsed().as_secs_f64());
+        }
+
+        if !args.skip_parity {
+            eprintln!("parity, CUDA vs CPU f32 (‖Δ‖/‖ref‖):");
+            let mut parity = serde_json::Map::new();
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(&args.fixtures)
+                .map_err(|e| Error::io(&args.fixtures, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("model.safetensors").is_file())
+                .collect();
+            dirs.sort();
+            for dir in dirs {
+                let name = dir
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                parity.insert(name, parity_or_error(&dir, &args.dtypes, 3, 4));
+            }
+            parity.insert(
+                "vit-b-16-random".into(),
+                parity_or_error(&args.model, &args.dtypes, 2, 3),
+            );
+            report.insert("parity".into(), Value::Object(parity));
+        }
+
+        if !args.skip_timing {
+            eprintln!("image tower, global features:");
+            let mut tower = serde_json::Map::new();
+            for &dtype in &args.dtypes {
+                let r = timing(&args.model, dtype, args.batch, args.reps)
+                    .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+                tower.insert(dtype.name().into(), r);
+            }
+            report.insert("image_tower".into(), Value::Object(tower));
+            let gemm = CudaBackend::new(0, DType::BF16)
+                .and_then(|b| b.bench_gemm(8192, 8192, 8192, 10))
+                .map_or_else(|e| json!({ "error": e.to_string() }), |t| json!(t));
+            eprintln!("our bf16 GEMM 8192³ (cuBLASLt path): {gemm} TFLOP/s");
+            report.insert("gemm_bf16_8192_tflops".into(), gemm);
+        }
+        report.insert("libraries".into(), json!(loaded_libraries()));
+        report.insert("seconds".into(), json!(t0.elapsed().as_secs_f64()));
+        let text = serde_json::to_string_pretty(&Value::Object(report))
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        match &args.out {
+            Some(p) => std::fs::write(p, text).map_err(|e| Error::io(p, e))?,
+            None => println!("{text}"),
+        }
+        Ok(())
+    }
+
+    fn parity_or_error(dir: &Path, dtypes: &[DType], images: usize, texts: usize) -> Value {
+        parity(dir, dtypes, images, texts).unwrap_or_else(|e| {
+            eprintln!("  {}: ERROR {e}", dir.display());
+            json!({ "error": e.to_string() })
+        })
+    }
+}

@@ -1,0 +1,432 @@
+//! Evaluating candidate low-rank settings, two ways.
+//!
+//! *Cached* (the default): the SVD of each target is computed once; decided settings are
+//! materialised once; while the vision tower is searched the text features are fixed (and the
+//! image features while the text tower is); the hidden states entering the target's layer are
+//! computed once per chunk of images and shared by every candidate, which re-runs only the
+//! layers from the target upward; within the target's Linear, x·Wᵀ and x·V are shared by all
+//! candidate ratios, each of which subtracts a prefix of the removed components.
+//!
+//! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
+//! re-runs both towers on everything.
+
+use super::evaluate::{eval_images, normalised, reduce, ImageEval, Outcome};
+use super::SearchConfig;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::lowrank::{Svd, Target, Tower, WeightType};
+use crate::model::clip::Linear;
+use crate::model::overrides::{DeltaMemo, LinearOverride, Overrides};
+use crate::model::Clip;
+use crate::weights::{F32Data, WeightsFile};
+use indicatif::ProgressBar;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The ID validation set, preprocessed once.
+pub struct SearchData {
+    /// `[n, channels, size, size]`.
+    pub pixels: Vec<f32>,
+    pub labels: Vec<usize>,
+    /// Relative paths, for reports.
+    pub images: Vec<String>,
+    /// Tokenised prompts, one per class: `[classes, seq]`.
+    pub ids: Vec<u32>,
+    pub lengths: Vec<usize>,
+    pub seq: usize,
+}
+
+impl SearchData {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// What the search needs of one target weight, computed once per run.
+pub struct Prepared {
+    pub svd: Svd,
+    pub order: Vec<usize>,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Prepared {
+    pub fn k(&self) -> usize {
+        self.svd.k()
+    }
+}
+
+pub struct Engine<'a, B: Backend> {
+    pub model: &'a Clip<B>,
+    file: &'a WeightsFile,
+    data: &'a SearchData,
+    cfg: &'a SearchConfig,
+    prepared: HashMap<Target, Arc<Prepared>>,
+    decided: BTreeMap<Target, usize>,
+    materialised: HashMap<Target, Linear<B::Weight>>,
+    /// Normalised text features for the decided text settings, and the version they are for.
+    text_cache: Option<(u64, Vec<f32>)>,
+    /// Image features (global, local) for the decided vision settings.
+    image_cache: Option<(u64, Vec<f32>, Vec<f32>)>,
+    text_version: u64,
+    vision_version: u64,
+}
+
+fn owned(v: Vec<f32>) -> F32Data {
+    F32Data::Owned(Arc::new(v))
+}
+
+impl<'a, B: Backend> Engine<'a, B> {
+    pub fn new(
+        model: &'a Clip<B>,
+        file: &'a WeightsFile,
+        data: &'a SearchData,
+        cfg: &'a SearchConfig,
+    ) -> Self {
+        Engine {
+            model,
+            file,
+            data,
+            cfg,
+            prepared: HashMap::new(),
+            decided: BTreeMap::new(),
+            materialised: HashMap::new(),
+            text_cache: None,
+            image_cache: None,
+            text_version: 0,
+            vision_version: 0,
+        }
+    }
+
+    fn layers(&self, tower: Tower) -> usize {
+        match tower {
+            Tower::Visual => self.model.config.vision.tower.layers,
+            Tower::Text => self.model.config.text.tower.layers,
+        }
+    }
+
+    /// The SVD and removal order of a target (computed on first use).
+    pub fn prepare(&mut self, target: Target) -> Result<Arc<Prepared>> {
+        if let Some(p) = self.prepared.get(&target) {
+            return Ok(p.clone());
+        }
+        if let Some(l) = target.layer {
+            if l >= self.layers(target.tower) {
+                return Err(Error::invalid(format!(
+                    "{target}: the {} tower has {} layers",
+                    target.tower.name(),
+                    self.layers(target.tower)
+                )));
+            }
+        }
+        let module = target.module();
+        let name = format!("{module}.weight");
+        let shape = self.file.shape(&name)?.to_vec();
+        if shape.len() != 2 {
+            return Err(Error::tensor(self.file.path(), &name, "is not a matrix"));
+        }
+        let weight = self.file.f32(&name, &shape)?.to_vec();
+        let bias_name = format!("{module}.bias");
+        let bias = if target.weight == WeightType::P {
+            None
+        } else {
+            Some(self.file.f32(&bias_name, &[shape[0]])?.to_vec())
+        };
+        let svd = Svd::new(&weight, shape[0], shape[1])?;
+        let order = svd.removal_order(self.cfg.prune, &target);
+        let p = Arc::new(Prepared {
+            svd,
+            order,
+            weight,
+            bias,
+        });
+        self.prepared.insert(target, p.clone());
+        Ok(p)
+    }
+
+    /// W' for `rank` as a Linear on the backend.
+    fn materialise(&self, p: &Prepared, rank: usize) -> Result<Linear<B::Weight>> {
+        let b = &self.model.backend;
+        let w = p.svd.pruned(&p.weight, &p.order, rank);
+        Ok(Linear {
+            weight: b.weight(owned(w))?,
+            bias: match &p.bias {
+                Some(v) => Some(b.weight(owned(v.clone()))?),
+                None => None,
+            },
+            out_dim: p.svd.out_dim,
+            in_dim: p.svd.in_dim,
+        })
+    }
+
+    /// Fixes a decision: later evaluations run with W' for `rank` at `target`.
+    pub fn decide(&mut self, target: Target, rank: usize) -> Result<()> {
+        self.decided.insert(target, rank);
+        if rank > 0 {
+            let p = self.prepare(target)?;
+            let lin = self.materialise(&p, rank)?;
+            self.materialised.insert(target, lin);
+            match target.tower {
+                Tower::Visual => self.vision_version += 1,
+                Tower::Text => self.text_version += 1,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn decided(&self) -> &BTreeMap<Target, usize> {
+        &self.decided
+    }
+
+    fn base_overrides(&self) -> Overrides<'_, B> {
+        let mut ov = Overrides::none();
+        for (t, lin) in &self.materialised {
+            ov.insert(*t, LinearOverride::Weight(lin));
+        }
+        ov
+    }
+
+    fn scale(&self) -> f32 {
+        self.model.logit_scale.exp()
+    }
+
+    fn chunks(&self) -> Vec<std::ops::Range<usize>> {
+        let n = self.data.len();
+        let b = self.cfg.batch.max(1);
+        (0..n.div_ceil(b))
+            .map(|i| i * b..((i + 1) * b).min(n))
+            .collect()
+    }
+
+    fn pixels(&self, r: &std::ops::Range<usize>) -> &[f32] {
+        let per = self.data.pixels.len() / self.data.len().max(1);
+        &self.data.pixels[r.start * per..r.end * per]
+    }
+
+    /// Text features with the decided settings (cached while only the vision tower changes).
+    fn text_features(&mut self) -> Result<Vec<f32>> {
+        if let Some((v, t)) = &self.text_cache {
+            if *v == self.text_version {
+                return Ok(t.clone());
+            }
+        }
+        let d = self.data;
+        let t = self
+            .model
+            .encode_text_with(&d.ids, &d.lengths, d.seq, &self.base_overrides())?;
+        let t = normalised(t, self.model.config.projection_dim)?;
+        self.text_cache = Some((self.text_version, t.clone()));
+        Ok(t)
+    }
+
+    /// Image features with the decided settings (cached while only the text tower changes).
+    fn image_features(&mut self, bar: &ProgressBar) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let Some((v, g, l)) = &self.image_cache {
+            if *v == self.vision_version {
+                return Ok((g.clone(), l.clone()));
+            }
+        }
+        let (mut g, mut l) = (Vec::new(), Vec::new());
+        let ov = self.base_overrides();
+        for r in self.chunks() {
+            bar.set_message(format!("image features {}/{}", r.end, self.data.len()));
+            let f = self
+                .model
+                .encode_images_with(self.pixels(&r), r.len(), true, &ov)?;
+            g.extend(f.embeds);
+            l.extend(f.local.expect("local features"));
+        }
+        drop(ov);
+        self.image_cache = Some((self.vision_version, g.clone(), l.clone()));
+        Ok((g, l))
+    }
+
+    /// The objective for decided settings + `target` at each rank in `ranks` (cached way).
+    pub fn evaluate(
+        &mut self,
+        target: Target,
+        ranks: &[usize],
+        bar: &ProgressBar,
+    ) -> Result<Vec<Outcome>> {
+        if self.decided.contains_key(&target) {
+            return Err(Error::invalid(format!("{target} is already decided")));
+        }
+        let p = self.prepare(target)?;
+        let kmax = ranks.iter().copied().max().unwrap_or(0);
+        let b = &self.model.backend;
+        let (vt, su) = p.svd.removed_factors(&p.order, kmax);
+        let vt = Linear {
+            weight: b.weight(owned(vt))?,
+            bias: None,
+            out_dim: kmax,
+            in_dim: p.svd.in_dim,
+        };
+        let su = b.weight(owned(su))?;
+        let mut evals: Vec<Vec<ImageEval>> = vec![Vec::with_capacity(self.data.len()); ranks.len()];
+        let dim = self.model.config.projection_dim;
+        match target.tower {
+            Tower::Visual => {
+                let text = self.text_features()?;
+                let layers = self.layers(Tower::Visual);
+                let start = target.layer.unwrap_or(layers - 1);
+                let base = self.base_overrides();
+                for r in self.chunks() {
+                    let n = r.len();
+                    let mut h = self.model.vision_embed(self.pixels(&r), n)?;
+                    self.model.vision_layers(&mut h, n, 0..start, &base)?;
+                    let memo = DeltaMemo::default();
+                    for (ci, &rank) in ranks.iter().enumerate() {
+                        memo.rewind();
+                        let mut ov = self.base_overrides();
+                        ov.insert(
+                            target,
+                            LinearOverride::Delta {
+                                vt: &vt,
+                                su: &su,
+                                kmax,
+                                rank,
+                                memo: &memo,
+                            },
+                        );
+                        let mut hc = b.duplicate(&h)?;
+                        self.model
+                            .vision_layers(&mut hc, n, start..layers - 1, &ov)?;
+                        let f = self.model.vision_head(&hc, n, true, &ov)?;
+                        let local = f.local.expect("local features");
+                        let labels = &self.data.labels[r.clone()];
+                        evals[ci].extend(eval_images(
+                            &f.embeds,
+                            &local,
+                            &text,
+                            dim,
+                            labels,
+                            self.scale(),
+                            self.cfg,
+                        )?);
+                        bar.inc(1);
+                    }
+                }
+            }
+            Tower::Text => {
+                let (g, l) = self.image_features(bar)?;
+                let layers = self.layers(Tower::Text);
+                let start = target.layer.unwrap_or(layers);
+                let d = self.data;
+                let base = self.base_overrides();
+                let mut h = self.model.text_embed(&d.ids, &d.lengths, d.seq)?;
+                self.model
+                    .text_layers(&mut h, &d.lengths, d.seq, 0..start, &base)?;
+                let memo = DeltaMemo::default();
+                let patches = l.len() / (d.len() * dim).max(1);
+                for (ci, &rank) in ranks.iter().enumerate() {
+                    memo.rewind();
+                    let mut ov = self.base_overrides();
+                    ov.insert(
+                        target,
+                        LinearOverride::Delta {
+                            vt: &vt,
+                            su: &su,
+                            kmax,
+                            rank,
+                            memo: &memo,
+                        },
+                    );
+                    let mut hc = b.duplicate(&h)?;
+                    self.model
+                        .text_layers(&mut hc, &d.lengths, d.seq, start..layers, &ov)?;
+                    let text = normalised(self.model.text_head(&hc, &d.ids, d.seq, &ov)?, dim)?;
+                    for r in self.chunks() {
+                        let gr = &g[r.start * dim..r.end * dim];
+                        let lr = &l[r.start * patches * dim..r.end * patches * dim];
+                        evals[ci].extend(eval_images(
+                            gr,
+                            lr,
+                            &text,
+                            dim,
+                            &d.labels[r.clone()],
+                            self.scale(),
+                            self.cfg,
+                        )?);
+                        bar.inc(1);
+                    }
+                }
+            }
+        }
+        evals.iter().map(|e| reduce(e, self.cfg)).collect()
+    }
+
+    /// The same objective, the reference's way: all settings re-applied, everything re-run.
+    pub fn evaluate_naive(
+        &mut self,
+        target: Target,
+        ranks: &[usize],
+        bar: &ProgressBar,
+    ) -> Result<Vec<Outcome>> {
+        let p = self.prepare(target)?;
+        let d = self.data;
+        let dim = self.model.config.projection_dim;
+        let mut out = Vec::with_capacity(ranks.len());
+        for &rank in ranks {
+            let candidate = self.materialise(&p, rank)?;
+            let mut ov = self.base_overrides();
+            ov.insert(target, LinearOverride::Weight(&candidate));
+            let text = normalised(
+                self.model
+                    .encode_text_with(&d.ids, &d.lengths, d.seq, &ov)?,
+                dim,
+            )?;
+            let mut evals = Vec::with_capacity(d.len());
+            for r in self.chunks() {
+                let f = self
+                    .model
+                    .encode_images_with(self.pixels(&r), r.len(), true, &ov)?;
+                let local = f.local.expect("local features");
+                evals.extend(eval_images(
+                    &f.embeds,
+                    &local,
+                    &text,
+                    dim,
+                    &d.labels[r.clone()],
+                    self.scale(),
+                    self.cfg,
+                )?);
+                bar.inc(1);
+            }
+            out.push(reduce(&evals, self.cfg)?);
+        }
+        Ok(out)
+    }
+
+    /// Progress units `evaluate` and `evaluate_naive` report for `n` ranks.
+    pub fn units(&self, n: usize) -> u64 {
+        (n * self.chunks().len()) as u64
+    }
+
+    /// The objective of the decided settings alone (no candidate).
+    pub fn current(&mut self, bar: &ProgressBar) -> Result<Outcome> {
+        let d = self.data;
+        let dim = self.model.config.projection_dim;
+        let text = self.text_features()?;
+        let (g, l) = self.image_features(bar)?;
+        let patches = l.len() / (d.len() * dim).max(1);
+        let mut evals = Vec::with_capacity(d.len());
+        for r in self.chunks() {
+            let gr = &g[r.start * dim..r.end * dim];
+            let lr = &l[r.start * patches * dim..r.end * patches * dim];
+            evals.extend(eval_images(
+                gr,
+                lr,
+                &text,
+                dim,
+                &d.labels[r.clone()],
+                self.scale(),
+                self.cfg,
+            )?);
+        }
+        reduce(&evals, self.cfg)
+    }
+}

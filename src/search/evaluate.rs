@@ -1,0 +1,147 @@
+//! From features to the search objective: normalised features → scaled cosine logits →
+//! per-image LoCoOp statistics (and scores for the metric objectives) → one value.
+
+use super::{Objective, SearchConfig};
+use crate::backend::cpu::linear_into;
+use crate::error::{Error, Result};
+use crate::loss::{self, ImageStats, LossParts};
+use crate::metrics::{self, OodMetrics};
+use crate::model::clip::l2_normalize_rows;
+use crate::score::{self, Scorer};
+use rayon::prelude::*;
+
+/// What one ID image contributes to the objective.
+#[derive(Clone, Debug, Default)]
+pub struct ImageEval {
+    pub stats: ImageStats,
+    /// The image's score (metric objectives only).
+    pub id_score: f64,
+    /// Scores of its OOD patches (metric objectives only).
+    pub ood_scores: Vec<f64>,
+}
+
+/// The objective's value and what it was made of.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Outcome {
+    pub value: f64,
+    pub loss: Option<LossParts>,
+    pub metrics: Option<OodMetrics>,
+}
+
+/// Text features normalised once, `[classes, dim]`.
+pub fn normalised(mut features: Vec<f32>, dim: usize) -> Result<Vec<f32>> {
+    check_finite("text features", &features)?;
+    l2_normalize_rows(&mut features, dim);
+    Ok(features)
+}
+
+fn check_finite(what: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(Error::invalid(format!(
+            "{what} hold a non-finite value ({}) at index {i}: the model produced NaN/inf",
+            v[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `scale · normalise(x) · textᵀ`: `[rows, classes]` logits.
+pub fn logits(x: &[f32], dim: usize, text: &[f32], scale: f32) -> Result<Vec<f32>> {
+    check_finite("image features", x)?;
+    let mut x = x.to_vec();
+    l2_normalize_rows(&mut x, dim);
+    let rows = x.len() / dim;
+    let classes = text.len() / dim;
+    let mut out = vec![0.0; rows * classes];
+    linear_into(&x, rows, text, None, classes, dim, &mut out);
+    out.iter_mut().for_each(|v| *v *= scale);
+    Ok(out)
+}
+
+/// Evaluates a chunk of images: `global [n, dim]`, `local [n, patches, dim]` (unnormalised),
+/// `text [classes, dim]` (normalised), `scale` = exp(logit_scale).
+pub fn eval_images(
+    global: &[f32],
+    local: &[f32],
+    text: &[f32],
+    dim: usize,
+    labels: &[usize],
+    scale: f32,
+    cfg: &SearchConfig,
+) -> Result<Vec<ImageEval>> {
+    let classes = text.len() / dim;
+    let n = labels.len();
+    let patches = local.len() / (n * dim).max(1);
+    let g = logits(global, dim, text, scale)?;
+    let l = logits(local, dim, text, scale)?;
+    let metric_scorer: Option<Scorer> = match cfg.objective {
+        Objective::Auroc | Objective::Aupr | Objective::Fpr => Some(cfg.scorer),
+        _ => None,
+    };
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let gi = &g[i * classes..(i + 1) * classes];
+            let li = &l[i * patches * classes..(i + 1) * patches * classes];
+            let stats = loss::image_stats(gi, li, classes, labels[i], &cfg.locoop)?;
+            let mut e = ImageEval {
+                stats,
+                ..Default::default()
+            };
+            if let Some(s) = metric_scorer {
+                e.id_score = score::score(s, gi, li, classes, cfg.temperature)?;
+                let mask_label = if cfg.locoop.use_pred_label {
+                    loss::predicted_label(gi)
+                } else {
+                    labels[i]
+                };
+                let mask = loss::ood_patch_mask(li, classes, mask_label, cfg.locoop.top_k)?;
+                e.ood_scores =
+                    score::ood_patch_scores(&[s], li, classes, &mask, cfg.temperature)?.remove(0);
+            }
+            Ok(e)
+        })
+        .collect()
+}
+
+/// Reduces per-image evaluations (in dataset order) to the objective.
+pub fn reduce(evals: &[ImageEval], cfg: &SearchConfig) -> Result<Outcome> {
+    let stats: Vec<ImageStats> = evals.iter().map(|e| e.stats).collect();
+    let parts = loss::reduce(&stats, &cfg.locoop)?;
+    let mut out = Outcome {
+        value: f64::NAN,
+        loss: Some(parts),
+        metrics: None,
+    };
+    out.value = match cfg.objective {
+        Objective::LocoopLoss => parts.locoop_loss,
+        Objective::LossId => parts.loss_id,
+        Objective::LossOod => parts.loss_ood,
+        Objective::Auroc | Objective::Aupr | Objective::Fpr => {
+            let id: Vec<f64> = evals.iter().map(|e| e.id_score).collect();
+            let ood: Vec<f64> = evals
+                .iter()
+                .flat_map(|e| e.ood_scores.iter().copied())
+                .collect();
+            if ood.is_empty() {
+                return Err(Error::invalid(
+                    "the metric objective needs OOD patches, and no validation image has any (raise --top-k?)",
+                ));
+            }
+            let m = metrics::ood_metrics(&id, &ood, cfg.recall_level)?;
+            out.metrics = Some(m);
+            match cfg.objective {
+                Objective::Auroc => m.auroc,
+                Objective::Aupr => m.aupr_in,
+                _ => m.fpr95,
+            }
+        }
+    };
+    if !out.value.is_finite() {
+        return Err(Error::invalid(format!(
+            "the objective is not finite ({})",
+            out.value
+        )));
+    }
+    Ok(out)
+}

@@ -1,0 +1,807 @@
+//! The CUDA backend against its CPU twins: every kernel on fresh random inputs of awkward sizes
+//! (not multiples of the block size), outputs poisoned with NaN before each op, in f32, bf16
+//! and f16; then whole CLIP models (the parity fixtures) CUDA vs CPU.
+//!
+//! Without a CUDA device these tests print `SKIP: no CUDA device: …` and pass; with
+//! `SETAR_REQUIRE_CUDA=1` they fail instead. The NVRTC compile test needs no GPU, only
+//! libnvrtc.so.13 on the loader path (`SETAR_REQUIRE_NVRTC=1` makes its absence a failure).
+//! Inputs are drawn from a seed printed by each test; `SETAR_TEST_SEED=N` replays one.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{fixtures, rel_err, tensor};
+use setar_engine::backend::cpu::{self, CpuBackend};
+use setar_engine::backend::cuda::{kernels, CudaBackend, CudaOptions, DType, GemmPath};
+use setar_engine::backend::{fastmath, AttentionMask, AttentionShape, Backend};
+use setar_engine::config::{Activation, ClipConfig};
+use setar_engine::model::clip::{l2_normalize_rows, logits};
+use setar_engine::model::Clip;
+use setar_engine::weights::WeightsFile;
+use std::sync::OnceLock;
+
+fn env_is(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+const PATHS: [GemmPath; 3] = [GemmPath::Auto, GemmPath::Lt, GemmPath::Blas];
+
+/// The shared backend of this test binary for a dtype and GEMM path (cuda:0, poisoning on,
+/// synchronising after each op so a fault names its op), or None after printing why (skip).
+fn backend(dtype: DType, gemm: GemmPath) -> Option<&'static CudaBackend> {
+    static CELLS: [OnceLock<Result<CudaBackend, String>>; 9] = [const { OnceLock::new() }; 9];
+    let di = DType::ALL.iter().position(|&d| d == dtype).unwrap();
+    let pi = PATHS.iter().position(|&p| p == gemm).unwrap();
+    let made = CELLS[di * 3 + pi].get_or_init(|| {
+        let opts = CudaOptions {
+            dtype,
+            gemm,
+            poison: true,
+            sync_each_op: true,
+        };
+        CudaBackend::with_options(0, opts).map_err(|e| e.to_string())
+    });
+    match made {
+        Ok(b) => Some(b),
+        Err(e) if env_is("SETAR_REQUIRE_CUDA") => {
+            panic!("SETAR_REQUIRE_CUDA=1 but no CUDA backend ({dtype}, {gemm:?}): {e}")
+        }
+        Err(e) => {
+            skip(&format!("no CUDA device: {e}"));
+            None
+        }
+    }
+}
+
+/// Prints `SKIP: <test>: <why>` straight to stderr: libtest captures `eprintln!` of passing
+/// tests, but not writes to the stderr handle, so the skip shows in every run.
+fn skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("?")
+        .rsplit("::")
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {why}");
+}
+
+/// A small PCG-style generator; the seed comes from SETAR_TEST_SEED or the clock.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("SETAR_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("{test}: SETAR_TEST_SEED={seed}");
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let x = self.0;
+        (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (x >> 29)
+    }
+
+    /// Uniform in [lo, hi).
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// What the device stores for `v` in `dtype` (round to nearest even), back in f32.
+fn stored(dtype: DType, v: &[f32]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => v.to_vec(),
+        DType::BF16 => v
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+/// Tolerance on ‖Δ‖/‖ref‖ for one op against its CPU twin fed the same (rounded) inputs:
+/// f32 leaves only summation order and libm differences; bf16/f16 add one output rounding.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::BF16 => 8e-3,
+        DType::F16 => 2e-3,
+    }
+}
+
+fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], tolerance: f64) {
+    assert_eq!(got.len(), want.len(), "{what} ({dtype}): length");
+    if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+        panic!(
+            "{what} ({dtype}): element {i} is {} (unwritten or overflowed)",
+            got[i]
+        );
+    }
+    let err = rel_err(got, want);
+    println!("{what:<48} {dtype:>4}: ‖Δ‖/‖ref‖ = {err:.2e}");
+    assert!(
+        err <= tolerance,
+        "{what} ({dtype}): relative error {err:.3e} > {tolerance:.1e}"
+    );
+}
+
+fn up(b: &CudaBackend, v: &[f32]) -> setar_engine::backend::cuda::CudaTensor {
+    b.tensor(v.to_vec()).unwrap()
+}
+
+fn w(v: Vec<f32>) -> setar_engine::weights::F32Data {
+    cpu::owned(v)
+}
+
+#[test]
+fn kernels_compile_for_sm90_with_nvrtc() {
+    if !kernels::nvrtc_available() {
+        let why = "libnvrtc.so.13 not on the loader path";
+        if env_is("SETAR_REQUIRE_NVRTC") || env_is("SETAR_REQUIRE_CUDA") {
+            panic!("NVRTC required but unavailable: {why}");
+        }
+        skip(&format!("no NVRTC: {why}"));
+        return;
+    }
+    println!("NVRTC {:?}", kernels::nvrtc_version().unwrap());
+    let compiled =
+        kernels::compile_all("sm_90", &["--ptxas-options=-v"]).unwrap_or_else(|e| panic!("{e}"));
+    for (unit, c) in kernels::UNITS.iter().zip(&compiled) {
+        let mut entries: Vec<String> = c
+            .ptx
+            .lines()
+            .filter_map(|l| l.split(".entry").nth(1))
+            .map(|rest| rest.trim().trim_end_matches('(').trim().to_string())
+            .collect();
+        entries.sort();
+        let mut want = unit.entries();
+        want.sort();
+        assert_eq!(entries, want, "kernels/{}.cu entry points", unit.name);
+        assert!(
+            c.cubin.as_ref().is_some_and(|b| b.len() > 64),
+            "{}: no CUBIN",
+            unit.name
+        );
+        println!("== kernels/{}.cu\n{}", unit.name, c.log);
+        assert!(
+            !c.log.contains("warning"),
+            "kernels/{}.cu: warnings:\n{}",
+            unit.name,
+            c.log
+        );
+        for line in c.log.lines().filter(|l| l.contains("spill")) {
+            assert!(
+                line.contains("0 bytes spill stores, 0 bytes spill loads"),
+                "kernels/{}.cu spills: {line}",
+                unit.name
+            );
+        }
+    }
+}
+
+#[test]
+fn prebuilt_fatbins_cover_every_kernel_file() {
+    if !kernels::has_prebuilt() {
+        skip("built without nvcc: the kernels compile with NVRTC at run time");
+        return;
+    }
+    for unit in kernels::UNITS {
+        assert!(
+            kernels::prebuilt_units().contains(&unit.name),
+            "no prebuilt fatbin for kernels/{}.cu",
+            unit.name
+        );
+    }
+}
+
+#[test]
+fn a_missing_device_is_an_error_not_a_panic() {
+    let err = CudaBackend::new(9999, DType::F32)
+        .err()
+        .expect("cuda:9999 cannot exist");
+    println!("cuda:9999 → {err}");
+}
+
+#[test]
+fn out_of_memory_is_an_error_and_the_backend_survives() {
+    let Some(b) = backend(DType::F32, GemmPath::Auto) else {
+        return;
+    };
+    let err = b.empty(1 << 48).expect_err("a 1 PiB allocation must fail");
+    println!("1 PiB → {err}");
+    let t = up(b, &[1.0, 2.0, 3.0]);
+    assert_eq!(b.to_vec(&t).unwrap(), vec![1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn uploads_round_like_the_half_crate() {
+    let mut rng = Rng::new("round trip");
+    let mut v = rng.vec(10_007, -70_000.0, 70_000.0);
+    v.extend(rng.vec(1_001, -1e-6, 1e-6));
+    v.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        65_520.0,
+        3.0e38,
+    ]);
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let got = b.to_vec(&up(b, &v)).unwrap();
+        let want = stored(dtype, &v);
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == e.to_bits(),
+                "{dtype}: {} stored as {g}, half gives {e} (index {i})",
+                v[i]
+            );
+        }
+        let nan = b.to_vec(&up(b, &[f32::NAN])).unwrap();
+        assert!(nan[0].is_nan(), "{dtype}: NaN became {}", nan[0]);
+    }
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let mut rng = Rng::new("linear");
+    for (rows, out_dim, in_dim) in [(67, 45, 131), (1, 3, 7), (129, 96, 64), (5, 770, 33)] {
+        let x = rng.vec(rows * in_dim, -1.0, 1.0);
+        let wt = rng.vec(out_dim * in_dim, -0.5, 0.5);
+        let bias = rng.vec(out_dim, -1.0, 1.0);
+        for dtype in DType::ALL {
+            let (xs, ws, bs) = (stored(dtype, &x), stored(dtype, &wt), stored(dtype, &bias));
+            let cpu = CpuBackend::new();
+            for with_bias in [true, false] {
+                let bias_w = w(bs.clone());
+                let want = cpu
+                    .linear(
+                        &xs,
+                        rows,
+                        &w(ws.clone()),
+                        with_bias.then_some(&bias_w),
+                        out_dim,
+                        in_dim,
+                    )
+                    .unwrap();
+                for path in PATHS {
+                    let Some(b) = backend(dtype, path) else {
+                        return;
+                    };
+                    let db = up(b, &bs);
+                    let y = b
+                        .linear(
+                            &up(b, &xs),
+                            rows,
+                            &up(b, &ws),
+                            with_bias.then_some(&db),
+                            out_dim,
+                            in_dim,
+                        )
+                        .unwrap();
+                    check(
+                        &format!("linear {rows}x{in_dim}→{out_dim} bias {with_bias} {path:?}"),
+                        dtype,
+                        &b.to_vec(&y).unwrap(),
+                        &want,
+                        tol(dtype),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    let mut rng = Rng::new("layer norm");
+    for (rows, dim) in [(37, 193), (3, 1030), (1, 31), (70, 768)] {
+        // A large common offset checks the two-pass variance.
+        let x: Vec<f32> = rng
+            .vec(rows * dim, -2.0, 2.0)
+            .iter()
+            .map(|v| v + 30.0)
+            .collect();
+        let gamma = rng.vec(dim, 0.5, 1.5);
+        let beta = rng.vec(dim, -0.5, 0.5);
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            let (xs, gs, bs) = (
+                stored(dtype, &x),
+                stored(dtype, &gamma),
+                stored(dtype, &beta),
+            );
+            let mut want = vec![0.0; xs.len()];
+            cpu::layer_norm_into(&xs, dim, &gs, &bs, 1e-5, &mut want);
+            let y = b
+                .layer_norm(&up(b, &xs), dim, &up(b, &gs), &up(b, &bs), 1e-5)
+                .unwrap();
+            check(
+                &format!("layer_norm {rows}x{dim}"),
+                dtype,
+                &b.to_vec(&y).unwrap(),
+                &want,
+                tol(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn activations_match_cpu() {
+    let mut rng = Rng::new("activations");
+    let x = rng.vec(100_003, -6.0, 6.0);
+    for act in [
+        Activation::QuickGelu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+    ] {
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            let xs = stored(dtype, &x);
+            let mut want = xs.clone();
+            fastmath::activate(&mut want, act);
+            let mut t = up(b, &xs);
+            b.activate(&mut t, act).unwrap();
+            check(
+                &format!("activate {act:?} n={}", x.len()),
+                dtype,
+                &b.to_vec(&t).unwrap(),
+                &want,
+                tol(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn add_assign_matches_cpu() {
+    let mut rng = Rng::new("add_assign");
+    let (x, y) = (rng.vec(77_777, -3.0, 3.0), rng.vec(77_777, -3.0, 3.0));
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let (xs, ys) = (stored(dtype, &x), stored(dtype, &y));
+        let want: Vec<f32> = xs.iter().zip(&ys).map(|(a, c)| a + c).collect();
+        let mut t = up(b, &xs);
+        b.add_assign(&mut t, &up(b, &ys)).unwrap();
+        check(
+            "add_assign n=77777",
+            dtype,
+            &b.to_vec(&t).unwrap(),
+            &want,
+            tol(dtype),
+        );
+        assert!(b.add_assign(&mut t, &up(b, &[1.0])).is_err());
+    }
+}
+
+fn masks(batch: usize, seq: usize, rng: &mut Rng) -> Vec<(&'static str, AttentionMask)> {
+    // Lengths include 0, 1 and the full sequence.
+    let lengths: Vec<usize> = (0..batch)
+        .map(|i| match i {
+            0 => seq,
+            1 => 0,
+            2 => 1,
+            _ => rng.below(seq + 3),
+        })
+        .collect();
+    vec![
+        ("none", AttentionMask::default()),
+        (
+            "causal",
+            AttentionMask {
+                causal: true,
+                lengths: None,
+            },
+        ),
+        (
+            "padding",
+            AttentionMask {
+                causal: false,
+                lengths: Some(lengths.clone()),
+            },
+        ),
+        (
+            "causal+padding",
+            AttentionMask {
+                causal: true,
+                lengths: Some(lengths),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn softmax_matches_cpu_with_masks() {
+    let mut rng = Rng::new("softmax");
+    let (batch, heads, queries, seq, ld) = (4, 3, 5, 37, 40);
+    let scores = rng.vec(batch * heads * queries * ld, -8.0, 8.0);
+    for (name, mask) in masks(batch, seq, &mut rng) {
+        let mut want = Vec::new();
+        for (r, row) in scores.chunks(ld).enumerate() {
+            let b = r / (heads * queries);
+            let i = r % queries;
+            let len = mask.lengths.as_ref().map_or(seq, |l| l[b].min(seq));
+            let n = cpu::visible_keys(i, len, mask.causal);
+            let mut p = row[..seq].to_vec();
+            fastmath::softmax(&mut p[..n]);
+            p[n..].iter_mut().for_each(|x| *x = 0.0);
+            want.extend(p);
+        }
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            let got = b
+                .masked_softmax(&scores, batch, heads, queries, seq, ld, &mask)
+                .unwrap();
+            check(
+                &format!("softmax mask {name}"),
+                dtype,
+                &got,
+                &want,
+                tol(dtype),
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let mut rng = Rng::new("attention");
+    let shapes = [
+        (3, 13, 13, 3, 7),
+        (5, 9, 9, 2, 16),
+        (2, 197, 1, 2, 64),
+        (2, 50, 50, 1, 64),
+    ];
+    for (batch, seq, queries, heads, head_dim) in shapes {
+        let shape = AttentionShape {
+            batch,
+            seq,
+            queries,
+            heads,
+            head_dim,
+        };
+        let wd = shape.width();
+        let q = rng.vec(batch * queries * wd, -1.5, 1.5);
+        let k = rng.vec(batch * seq * wd, -1.5, 1.5);
+        let v = rng.vec(batch * seq * wd, -1.0, 1.0);
+        for (name, mask) in masks(batch, seq, &mut rng) {
+            for dtype in DType::ALL {
+                let Some(b) = backend(dtype, GemmPath::Auto) else {
+                    return;
+                };
+                let (qs, ks, vs) = (stored(dtype, &q), stored(dtype, &k), stored(dtype, &v));
+                let want = CpuBackend::new()
+                    .attention(&qs, &ks, &vs, shape, &mask)
+                    .unwrap();
+                let got = b
+                    .attention(&up(b, &qs), &up(b, &ks), &up(b, &vs), shape, &mask)
+                    .unwrap();
+                // A sequence of length 0 gives exact zeros on both sides.
+                check(
+                    &format!("attention {batch}x{seq} q{queries} h{heads}x{head_dim} {name}"),
+                    dtype,
+                    &b.to_vec(&got).unwrap(),
+                    &want,
+                    // The probabilities are rounded to the storage dtype before P·V.
+                    2.0 * tol(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn patchify_and_vision_tokens_match_cpu() {
+    let mut rng = Rng::new("patchify");
+    let (batch, channels, size, patch, dim) = (2, 3, 37, 8, 19);
+    let grid = size / patch;
+    let px = rng.vec(batch * channels * size * size, -2.0, 2.0);
+    let cls = rng.vec(dim, -1.0, 1.0);
+    let pos = rng.vec((grid * grid + 1) * dim, -1.0, 1.0);
+    let emb = rng.vec(batch * grid * grid * dim, -1.0, 1.0);
+    let cpu = CpuBackend::new();
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let pxs = stored(dtype, &px);
+        let want = cpu.patchify(&pxs, batch, channels, size, patch).unwrap();
+        let got = b
+            .patchify(&up(b, &pxs), batch, channels, size, patch)
+            .unwrap();
+        check(
+            "patchify 2x3x37x37 / 8",
+            dtype,
+            &b.to_vec(&got).unwrap(),
+            &want,
+            0.0,
+        );
+        let (es, cs, ps) = (
+            stored(dtype, &emb),
+            stored(dtype, &cls),
+            stored(dtype, &pos),
+        );
+        let want = cpu
+            .vision_tokens(&es, batch, &w(cs.clone()), &w(ps.clone()), dim)
+            .unwrap();
+        let got = b
+            .vision_tokens(&up(b, &es), batch, &up(b, &cs), &up(b, &ps), dim)
+            .unwrap();
+        check(
+            "vision_tokens",
+            dtype,
+            &b.to_vec(&got).unwrap(),
+            &want,
+            tol(dtype),
+        );
+        assert!(b.patchify(&up(b, &pxs), batch, channels, size, 0).is_err());
+    }
+}
+
+#[test]
+fn text_tokens_and_gather_rows_match_cpu() {
+    let mut rng = Rng::new("text tokens");
+    let (vocab, dim, seq, batch) = (1013, 37, 11, 3);
+    let table = rng.vec(vocab * dim, -1.0, 1.0);
+    let pos = rng.vec(13 * dim, -1.0, 1.0);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab) as u32).collect();
+    let rows: Vec<usize> = (0..29).map(|_| rng.below(batch * seq)).collect();
+    let cpu = CpuBackend::new();
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let (ts, ps) = (stored(dtype, &table), stored(dtype, &pos));
+        let (tw, pw) = (w(ts.clone()), w(ps.clone()));
+        let (tt, pt) = (up(b, &ts), up(b, &ps));
+        let want = cpu.text_tokens(&ids, seq, &tw, &pw, dim).unwrap();
+        let got = b.text_tokens(&ids, seq, &tt, &pt, dim).unwrap();
+        check(
+            "text_tokens",
+            dtype,
+            &b.to_vec(&got).unwrap(),
+            &want,
+            tol(dtype),
+        );
+        let want_rows = cpu.gather_rows(&want, dim, &rows).unwrap();
+        let got_rows = b.gather_rows(&got, dim, &rows).unwrap();
+        check(
+            "gather_rows",
+            dtype,
+            &b.to_vec(&got_rows).unwrap(),
+            &stored(dtype, &want_rows),
+            0.0,
+        );
+        assert!(b.text_tokens(&[vocab as u32], 1, &tt, &pt, dim).is_err());
+        assert!(b.text_tokens(&ids, 14, &tt, &pt, dim).is_err());
+        assert!(b.gather_rows(&got, dim, &[batch * seq]).is_err());
+    }
+}
+
+#[test]
+fn l2_normalize_matches_cpu() {
+    let mut rng = Rng::new("l2 normalise");
+    let (rows, dim) = (45, 517);
+    let x = rng.vec(rows * dim, -2.0, 2.0);
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let xs = stored(dtype, &x);
+        let mut want = xs.clone();
+        l2_normalize_rows(&mut want, dim);
+        let mut t = up(b, &xs);
+        b.l2_normalize_rows(&mut t, dim).unwrap();
+        check(
+            "l2_normalize 45x517",
+            dtype,
+            &b.to_vec(&t).unwrap(),
+            &want,
+            tol(dtype),
+        );
+    }
+}
+
+#[test]
+fn lowrank_correct_matches_cpu() {
+    let mut rng = Rng::new("low-rank correction");
+    let (rows, kmax, out_dim) = (29, 11, 23);
+    let y0 = rng.vec(rows * out_dim, -2.0, 2.0);
+    let xv = rng.vec(rows * kmax, -1.0, 1.0);
+    let su = rng.vec(kmax * out_dim, -1.0, 1.0);
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let (ys, xs, ss) = (stored(dtype, &y0), stored(dtype, &xv), stored(dtype, &su));
+        for rank in [0, 5, 11] {
+            let want = CpuBackend::new()
+                .lowrank_correct(&ys, &xs, rows, kmax, rank, &w(ss.clone()), out_dim)
+                .unwrap();
+            let got = b
+                .lowrank_correct(
+                    &up(b, &ys),
+                    &up(b, &xs),
+                    rows,
+                    kmax,
+                    rank,
+                    &up(b, &ss),
+                    out_dim,
+                )
+                .unwrap();
+            check(
+                &format!("lowrank_correct rank {rank}"),
+                dtype,
+                &b.to_vec(&got).unwrap(),
+                &want,
+                tol(dtype),
+            );
+        }
+        let (yt, xt, st) = (up(b, &ys), up(b, &xs), up(b, &ss));
+        assert!(b
+            .lowrank_correct(&yt, &xt, rows, kmax, 12, &st, out_dim)
+            .is_err());
+    }
+}
+
+/// Whole-model parity, CUDA vs CPU: image, local and text embeddings and logits.
+fn model_parity(dir: &std::path::Path, dtype: DType) -> Option<f64> {
+    let b = backend(dtype, GemmPath::Auto)?;
+    let weights = WeightsFile::open(dir).unwrap();
+    let config = ClipConfig::for_weights(&weights).unwrap();
+    let opts = b.options();
+    let gpu = Clip::load(
+        CudaBackend::with_options(0, opts).unwrap(),
+        &weights,
+        &config,
+    )
+    .unwrap();
+    let cpu = Clip::load(CpuBackend::new(), &weights, &config).unwrap();
+    let vc = &config.vision;
+    let expected = WeightsFile::open(&dir.join("expected.safetensors")).ok();
+    let has = |k: &str| expected.as_ref().is_some_and(|e| e.shape(k).is_ok());
+    let mut rng = Rng::new("model parity");
+    let (pixels, n) = if has("pixel_values") {
+        let (p, s) = tensor(expected.as_ref().unwrap(), "pixel_values");
+        (p, s[0])
+    } else {
+        (
+            rng.vec(3 * vc.channels * vc.image_size * vc.image_size, -2.0, 2.0),
+            3,
+        )
+    };
+    let (ids, lengths, seq): (Vec<u32>, Vec<usize>, usize) =
+        if has("input_ids") && has("attention_mask") {
+            let e = expected.as_ref().unwrap();
+            let (ids_f, shape) = tensor(e, "input_ids");
+            let (mask, _) = tensor(e, "attention_mask");
+            let seq = shape[1];
+            let lengths = mask
+                .chunks(seq)
+                .map(|r| r.iter().filter(|&&m| m > 0.0).count())
+                .collect();
+            (ids_f.iter().map(|&x| x as u32).collect(), lengths, seq)
+        } else {
+            let seq = 9.min(config.text.context_length);
+            // Ended by EOS (or the largest id when EOS is outside the vocabulary).
+            let vocab = config.text.vocab_size as u32;
+            let top = (config.text.eos_token_id as u32).min(vocab - 1);
+            let lengths: Vec<usize> = vec![seq, 4, 2];
+            let ids = lengths
+                .iter()
+                .flat_map(|&l| {
+                    (0..seq).map(move |j| match j {
+                        j if j + 1 == l => top,
+                        j if j >= l || top < 2 => 0,
+                        j => 1 + (j as u32 * 37 + 11) % (top - 1),
+                    })
+                })
+                .collect();
+            (ids, lengths, seq)
+        };
+    let ci = cpu.encode_images(&pixels, n, true).unwrap();
+    let gi = gpu.encode_images(&pixels, n, true).unwrap();
+    let ct = cpu.encode_text(&ids, &lengths, seq).unwrap();
+    let gt = gpu.encode_text(&ids, &lengths, seq).unwrap();
+    let p = config.projection_dim;
+    let pairs = [
+        ("image_embeds", gi.embeds.clone(), ci.embeds.clone()),
+        (
+            "image_local_embeds",
+            gi.local.clone().unwrap(),
+            ci.local.clone().unwrap(),
+        ),
+        ("text_embeds", gt.clone(), ct.clone()),
+        (
+            "logits",
+            logits(&gi.embeds, &gt, p, gpu.logit_scale),
+            logits(&ci.embeds, &ct, p, cpu.logit_scale),
+        ),
+    ];
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut worst = 0.0f64;
+    for (key, got, want) in pairs {
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name} {key} {dtype}: non-finite"
+        );
+        let err = rel_err(&got, &want);
+        println!("{name:>22} {key:<20} {dtype:>4} CUDA vs CPU {err:.2e}");
+        worst = worst.max(err);
+    }
+    Some(worst)
+}
+
+fn model_dirs() -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures().join("models"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("model.safetensors").is_file())
+        .collect();
+    dirs.sort();
+    dirs.push(common::tiny_model());
+    dirs
+}
+
+#[test]
+fn models_match_cpu_f32() {
+    for dir in model_dirs() {
+        let Some(err) = model_parity(&dir, DType::F32) else {
+            return;
+        };
+        assert!(
+            err <= 1e-4,
+            "{}: f32 CUDA vs CPU {err:.3e} > 1e-4",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn models_match_cpu_bf16_and_f16() {
+    for dtype in [DType::BF16, DType::F16] {
+        for dir in model_dirs() {
+            let Some(err) = model_parity(&dir, dtype) else {
+                return;
+            };
+            assert!(
+                err <= 1e-2,
+                "{}: {dtype} CUDA vs CPU f32 {err:.3e} > 1e-2",
+                dir.display()
+            );
+        }
+    }
+}
