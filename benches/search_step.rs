@@ -24,7 +24,10 @@ use setar_engine::weights::{SaveDtype, WeightsFile};
 use std::time::Instant;
 
 fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -36,7 +39,8 @@ fn main() {
     let model_dir = match std::env::var("SETAR_BENCH_MODEL") {
         Ok(d) => d.into(),
         Err(_) => {
-            write_random_model(&preset("vit-b-16").unwrap(), tmp.path(), 0, SaveDtype::F32).unwrap();
+            write_random_model(&preset("vit-b-16").unwrap(), tmp.path(), 0, SaveDtype::F32)
+                .unwrap();
             tmp.path().to_path_buf()
         }
     };
@@ -47,7 +51,10 @@ fn main() {
         let class = &labels.classes[i % 10];
         let dir = id_val.join(class);
         std::fs::create_dir_all(&dir).unwrap();
-        let px: Vec<u8> = normal(i as u64, "px", 256 * 256 * 3, 60.0).iter().map(|v| (128.0 + v).clamp(0.0, 255.0) as u8).collect();
+        let px: Vec<u8> = normal(i as u64, "px", 256 * 256 * 3, 60.0)
+            .iter()
+            .map(|v| (128.0 + v).clamp(0.0, 255.0) as u8)
+            .collect();
         let f = std::fs::File::create(dir.join(format!("{i:04}.png"))).unwrap();
         let mut enc = png::Encoder::new(f, 256, 256);
         enc.set_color(png::ColorType::Rgb);
@@ -57,7 +64,14 @@ fn main() {
     let config = ClipConfig::for_weights(&weights).unwrap();
     let model = Clip::load(CpuBackend::new(), &weights, &config).unwrap();
     let tokenizer = Tokenizer::for_model_dir(weights.path().parent()).unwrap();
-    let data = search_data(&model, &tokenizer, &id_val, &labels, Progress { quiet: true }).unwrap();
+    let data = search_data(
+        &model,
+        &tokenizer,
+        &id_val,
+        &labels,
+        Progress { quiet: true },
+    )
+    .unwrap();
     let ratios = SearchConfig::default_ratios();
     let cfg = SearchConfig {
         order: Order::VisualText,
@@ -66,7 +80,12 @@ fn main() {
         ratios: ratios.clone(),
         weight: WeightType::Up,
         prune: PruneType::Minor,
-        locoop: LocoopConfig { lambda: 0.1, top_k: 300, use_pred_label: false, averaging: Averaging::PerBatch(512) },
+        locoop: LocoopConfig {
+            lambda: 0.1,
+            top_k: 300,
+            use_pred_label: false,
+            averaging: Averaging::PerBatch(512),
+        },
         temperature: 100.0,
         recall_level: 0.95,
         freeze_proj: true,
@@ -83,7 +102,16 @@ fn main() {
         (Tower::Text, 0, false),
     ]
     .iter()
-    .map(|&(tower, layer, naive)| (Target { tower, weight: WeightType::Up, layer: Some(layer) }, naive))
+    .map(|&(tower, layer, naive)| {
+        (
+            Target {
+                tower,
+                weight: WeightType::Up,
+                layer: Some(layer),
+            },
+            naive,
+        )
+    })
     .collect();
     let naive_candidates = env_usize("SETAR_BENCH_NAIVE_CANDIDATES", 2);
     let mut rows = Vec::new();
@@ -92,7 +120,10 @@ fn main() {
         let mut engine = Engine::new(&model, &weights, &data, &cfg);
         let k = engine.prepare(target).unwrap().k();
         // A step evaluates ratios 0.05 … 0.40 (ratio 0 is the carried best after step 0).
-        let ranks: Vec<usize> = ratios[1..].iter().map(|&r| rank_for(k, r, &target).unwrap()).collect();
+        let ranks: Vec<usize> = ratios[1..]
+            .iter()
+            .map(|&r| rank_for(k, r, &target).unwrap())
+            .collect();
         if target.tower == Tower::Text {
             // The image features the text step reuses: made once per tower phase, timed apart.
             let t = Instant::now();
@@ -103,13 +134,21 @@ fn main() {
         engine.evaluate(target, &ranks, &bar).unwrap();
         let cached = t.elapsed().as_secs_f64();
         rows.push(serde_json::json!({"target": target.to_string(), "way": "cached", "candidates": ranks.len(), "seconds": cached, "per_candidate": cached / ranks.len() as f64}));
-        eprintln!("{target}: cached {:.2} s per candidate", cached / ranks.len() as f64);
+        eprintln!(
+            "{target}: cached {:.2} s per candidate",
+            cached / ranks.len() as f64
+        );
         if with_naive {
             let t = Instant::now();
-            engine.evaluate_naive(target, &ranks[..naive_candidates], &bar).unwrap();
+            engine
+                .evaluate_naive(target, &ranks[..naive_candidates], &bar)
+                .unwrap();
             let naive = t.elapsed().as_secs_f64();
             rows.push(serde_json::json!({"target": target.to_string(), "way": "naive", "candidates": naive_candidates, "seconds": naive, "per_candidate": naive / naive_candidates as f64}));
-            eprintln!("{target}: naive {:.2} s per candidate", naive / naive_candidates as f64);
+            eprintln!(
+                "{target}: naive {:.2} s per candidate",
+                naive / naive_candidates as f64
+            );
         }
     }
     println!(

@@ -3,7 +3,7 @@
 # same checkpoint and batch, in one run. Runs on a machine with an NVIDIA GPU, torch and
 # transformers, and NO Rust toolchain and no network, from the repository root, with the
 # binaries and test executables that /work/shared/tools/device-pack.sh packed into .device/
-# (built here with `--features cuda`). Writes under $OUT (default ./device-check-out):
+# (built here with `--features cuda`). Writes under $OUT (default target/device-check):
 #   device-check.md   the table (also printed last)       setar.json  device_check's numbers
 #   hf.json           the PyTorch peer's numbers           tests.log   the GPU tests' output
 #   run.log           everything else
@@ -12,9 +12,21 @@
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
 #   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])
 # Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (f32,bf16,f16).
+#
+# The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
+# binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
+#   scripts/device-check.sh --trim
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-device-check-out}
+if [ "${1:-}" = "--trim" ]; then
+  [ -d .device/tests ] || { echo "no .device/: pack first"; exit 2; }
+  find .device/tests -type f ! -name 'cuda-*' -delete
+  find .device/bin -type f ! -name 'device_check' -delete
+  ls -la .device/bin .device/tests
+  du -sh .device
+  exit 0
+fi
+OUT=${OUT:-target/device-check}
 BATCH=${BATCH:-256}
 REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}

@@ -10,6 +10,10 @@ use crate::lowrank::{rank_for, Setting, Svd, Target, WeightType};
 use crate::metrics::{self, OodMetrics};
 use crate::model::clip::{l2_normalize_rows, Linear};
 use crate::model::overrides::{LinearOverride, Overrides};
+use crate::model::prompts::PromptBuckets;
+
+/// Prompts per text-tower batch (sorted by length, each padded to its own longest).
+pub const PROMPT_BUCKET: usize = 128;
 use crate::model::Clip;
 use crate::progress::Progress;
 use crate::score::{self, Scorer};
@@ -99,7 +103,7 @@ pub fn fingerprint(weights: &WeightsFile, data: &SearchData, cfg: &SearchConfig)
         "modified": meta.and_then(|m| m.modified().ok()).map(|t| format!("{t:?}")),
         "images": data.images,
         "labels": data.labels,
-        "ids": data.ids,
+        "prompts": data.prompts,
         "config": cfg,
     });
     fnv_hex(&key.to_string())
@@ -121,9 +125,7 @@ pub fn search_data<B: Backend>(
         pixels,
         labels: items.iter().map(|i| i.label).collect(),
         images: items.iter().map(|i| i.image.rel.clone()).collect(),
-        ids: batch.ids,
-        lengths: batch.lengths,
-        seq: batch.seq_len,
+        prompts: PromptBuckets::new(&batch, PROMPT_BUCKET),
     })
 }
 
@@ -399,8 +401,8 @@ pub fn evaluate<B: Backend>(
         .map(|(n, d)| Ok((n.clone(), find_images(d)?)))
         .collect::<Result<_>>()?;
     let ov = applied.overrides::<B>();
-    let b = prompt_batch(model, tokenizer, labels);
-    let mut text = model.encode_text_with(&b.ids, &b.lengths, b.seq_len, &ov)?;
+    let prompts = PromptBuckets::new(&prompt_batch(model, tokenizer, labels), PROMPT_BUCKET);
+    let mut text = model.encode_prompts(&prompts, &ov)?;
     l2_normalize_rows(&mut text, model.config.projection_dim);
     let id_entries: Vec<ImageEntry> = id_items.iter().map(|i| i.image.clone()).collect();
     let (id_scores, id_logits) = score_images(

@@ -236,7 +236,8 @@ pub fn write_eval(result: &EvalResult, meta: &EvalMeta, dir: &Path) -> Result<Ve
     }
     put(
         "scores.json".into(),
-        serde_json::to_string(&serde_json::json!({"id": result.id, "ood": result.ood})).expect("json"),
+        serde_json::to_string(&serde_json::json!({"id": result.id, "ood": result.ood}))
+            .expect("json"),
     )?;
     Ok(written)
 }

@@ -21,6 +21,15 @@ fn main() {
 
 #[cfg(feature = "cuda")]
 fn main() {
+    // device-pack.sh also copies binaries among the test executables, and run-tests.sh runs
+    // each with libtest flags: that is not a request for a device check.
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a.starts_with("--test-threads") || a == "--nocapture" || a == "--list")
+    {
+        eprintln!("device_check: not a test executable; run it through scripts/device-check.sh");
+        return;
+    }
     if let Err(e) = check::run() {
         eprintln!("device_check: {e}");
         std::process::exit(1);
@@ -309,6 +318,13 @@ mod check {
         let args = parse()?;
         let t0 = Instant::now();
         let mut report = serde_json::Map::new();
+        // First, as it needs no GPU: the PyTorch peer reads this checkpoint even if we fail.
+        if !args.model.join("model.safetensors").is_file() {
+            eprintln!("writing a random ViT-B/16 to {}", args.model.display());
+            let t = Instant::now();
+            write_random_model(&preset("vit-b-16")?, &args.model, 0, SaveDtype::F32)?;
+            eprintln!("  {:.1} s", t.elapsed().as_secs_f64());
+        }
         let devices = cuda::devices()?;
         eprintln!("devices: {devices:?}");
         report.insert("devices".into(), json!(devices));
@@ -322,13 +338,6 @@ mod check {
             "prebuilt_kernels".into(),
             json!(cuda::kernels::has_prebuilt()),
         );
-
-        if !args.model.join("model.safetensors").is_file() {
-            eprintln!("writing a random ViT-B/16 to {}", args.model.display());
-            let t = Instant::now();
-            write_random_model(&preset("vit-b-16")?, &args.model, 0, SaveDtype::F32)?;
-            eprintln!("  {:.1} s", t.elapsed().as_secs_f64());
-        }
 
         if !args.skip_parity {
             eprintln!("parity, CUDA vs CPU f32 (‖Δ‖/‖ref‖):");

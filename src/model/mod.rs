@@ -5,3 +5,4 @@ pub mod random;
 
 pub use clip::{Clip, ImageFeatures};
 pub mod overrides;
+pub mod prompts;

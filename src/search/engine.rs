@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target, Tower, WeightType};
 use crate::model::clip::Linear;
 use crate::model::overrides::{DeltaMemo, LinearOverride, Overrides};
+use crate::model::prompts::PromptBuckets;
 use crate::model::Clip;
 use crate::weights::{F32Data, WeightsFile};
 use indicatif::ProgressBar;
@@ -30,10 +31,8 @@ pub struct SearchData {
     pub labels: Vec<usize>,
     /// Relative paths, for reports.
     pub images: Vec<String>,
-    /// Tokenised prompts, one per class: `[classes, seq]`.
-    pub ids: Vec<u32>,
-    pub lengths: Vec<usize>,
-    pub seq: usize,
+    /// Tokenised prompts, one per class, bucketed by length.
+    pub prompts: PromptBuckets,
 }
 
 impl SearchData {
@@ -214,10 +213,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                 return Ok(t.clone());
             }
         }
-        let d = self.data;
         let t = self
             .model
-            .encode_text_with(&d.ids, &d.lengths, d.seq, &self.base_overrides())?;
+            .encode_prompts(&self.data.prompts, &self.base_overrides())?;
         let t = normalised(t, self.model.config.projection_dim)?;
         self.text_cache = Some((self.text_version, t.clone()));
         Ok(t)
@@ -317,9 +315,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let start = target.layer.unwrap_or(layers);
                 let d = self.data;
                 let base = self.base_overrides();
-                let mut h = self.model.text_embed(&d.ids, &d.lengths, d.seq)?;
-                self.model
-                    .text_layers(&mut h, &d.lengths, d.seq, 0..start, &base)?;
+                // Hidden states entering the target layer, per prompt bucket.
+                let mut states = Vec::with_capacity(d.prompts.buckets.len());
+                for bk in &d.prompts.buckets {
+                    let mut h = self.model.text_embed(&bk.ids, &bk.lengths, bk.seq)?;
+                    self.model
+                        .text_layers(&mut h, &bk.lengths, bk.seq, 0..start, &base)?;
+                    states.push(h);
+                }
                 let memo = DeltaMemo::default();
                 let patches = l.len() / (d.len() * dim).max(1);
                 for (ci, &rank) in ranks.iter().enumerate() {
@@ -335,10 +338,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                             memo: &memo,
                         },
                     );
-                    let mut hc = b.duplicate(&h)?;
-                    self.model
-                        .text_layers(&mut hc, &d.lengths, d.seq, start..layers, &ov)?;
-                    let text = normalised(self.model.text_head(&hc, &d.ids, d.seq, &ov)?, dim)?;
+                    let mut feats = Vec::with_capacity(states.len());
+                    for (bk, h) in d.prompts.buckets.iter().zip(&states) {
+                        let mut hc = b.duplicate(h)?;
+                        self.model
+                            .text_layers(&mut hc, &bk.lengths, bk.seq, start..layers, &ov)?;
+                        feats.push(self.model.text_head(&hc, &bk.ids, bk.seq, &ov)?);
+                    }
+                    let text = normalised(d.prompts.scatter(&feats, dim), dim)?;
                     for r in self.chunks() {
                         let gr = &g[r.start * dim..r.end * dim];
                         let lr = &l[r.start * patches * dim..r.end * patches * dim];
@@ -374,11 +381,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             let candidate = self.materialise(&p, rank)?;
             let mut ov = self.base_overrides();
             ov.insert(target, LinearOverride::Weight(&candidate));
-            let text = normalised(
-                self.model
-                    .encode_text_with(&d.ids, &d.lengths, d.seq, &ov)?,
-                dim,
-            )?;
+            let text = normalised(self.model.encode_prompts(&d.prompts, &ov)?, dim)?;
             let mut evals = Vec::with_capacity(d.len());
             for r in self.chunks() {
                 let f = self
