@@ -243,6 +243,58 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok((g, l))
     }
 
+    /// The decided settings plus the candidate `rank` at `target`, as a shared-product delta.
+    fn candidate_overrides<'o>(
+        &'o self,
+        target: Target,
+        vt: &'o Linear<B::Weight>,
+        su: &'o B::Weight,
+        kmax: usize,
+        rank: usize,
+        memo: &'o DeltaMemo<B::Tensor>,
+    ) -> Overrides<'o, B> {
+        let mut ov = self.base_overrides();
+        ov.insert(
+            target,
+            LinearOverride::Delta {
+                vt,
+                su,
+                kmax,
+                rank,
+                memo,
+            },
+        );
+        ov
+    }
+
+    /// Evaluates fixed image features `g [n, dim]`, `l [n, patches, dim]` against `text`, by chunk.
+    fn eval_features(
+        &self,
+        g: &[f32],
+        l: &[f32],
+        text: &[f32],
+        bar: &ProgressBar,
+    ) -> Result<Vec<ImageEval>> {
+        let (d, dim) = (self.data, self.model.config.projection_dim);
+        let patches = l.len() / (d.len() * dim).max(1);
+        let mut evals = Vec::with_capacity(d.len());
+        for r in self.chunks() {
+            let gr = &g[r.start * dim..r.end * dim];
+            let lr = &l[r.start * patches * dim..r.end * patches * dim];
+            evals.extend(eval_images(
+                gr,
+                lr,
+                text,
+                dim,
+                &d.labels[r.clone()],
+                self.scale(),
+                self.cfg,
+            )?);
+            bar.inc(1);
+        }
+        Ok(evals)
+    }
+
     /// The objective for decided settings + `target` at each rank in `ranks` (cached way).
     pub fn evaluate(
         &mut self,
@@ -279,17 +331,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     let memo = DeltaMemo::default();
                     for (ci, &rank) in ranks.iter().enumerate() {
                         memo.rewind();
-                        let mut ov = self.base_overrides();
-                        ov.insert(
-                            target,
-                            LinearOverride::Delta {
-                                vt: &vt,
-                                su: &su,
-                                kmax,
-                                rank,
-                                memo: &memo,
-                            },
-                        );
+                        let ov = self.candidate_overrides(target, &vt, &su, kmax, rank, &memo);
                         let mut hc = b.duplicate(&h)?;
                         self.model
                             .vision_layers(&mut hc, n, start..layers - 1, &ov)?;
@@ -324,20 +366,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                     states.push(h);
                 }
                 let memo = DeltaMemo::default();
-                let patches = l.len() / (d.len() * dim).max(1);
                 for (ci, &rank) in ranks.iter().enumerate() {
                     memo.rewind();
-                    let mut ov = self.base_overrides();
-                    ov.insert(
-                        target,
-                        LinearOverride::Delta {
-                            vt: &vt,
-                            su: &su,
-                            kmax,
-                            rank,
-                            memo: &memo,
-                        },
-                    );
+                    let ov = self.candidate_overrides(target, &vt, &su, kmax, rank, &memo);
                     let mut feats = Vec::with_capacity(states.len());
                     for (bk, h) in d.prompts.buckets.iter().zip(&states) {
                         let mut hc = b.duplicate(h)?;
@@ -346,20 +377,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         feats.push(self.model.text_head(&hc, &bk.ids, bk.seq, &ov)?);
                     }
                     let text = normalised(d.prompts.scatter(&feats, dim), dim)?;
-                    for r in self.chunks() {
-                        let gr = &g[r.start * dim..r.end * dim];
-                        let lr = &l[r.start * patches * dim..r.end * patches * dim];
-                        evals[ci].extend(eval_images(
-                            gr,
-                            lr,
-                            &text,
-                            dim,
-                            &d.labels[r.clone()],
-                            self.scale(),
-                            self.cfg,
-                        )?);
-                        bar.inc(1);
-                    }
+                    evals[ci] = self.eval_features(&g, &l, &text, bar)?;
                 }
             }
         }
@@ -407,29 +425,5 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Progress units `evaluate` and `evaluate_naive` report for `n` ranks.
     pub fn units(&self, n: usize) -> u64 {
         (n * self.chunks().len()) as u64
-    }
-
-    /// The objective of the decided settings alone (no candidate).
-    pub fn current(&mut self, bar: &ProgressBar) -> Result<Outcome> {
-        let d = self.data;
-        let dim = self.model.config.projection_dim;
-        let text = self.text_features()?;
-        let (g, l) = self.image_features(bar)?;
-        let patches = l.len() / (d.len() * dim).max(1);
-        let mut evals = Vec::with_capacity(d.len());
-        for r in self.chunks() {
-            let gr = &g[r.start * dim..r.end * dim];
-            let lr = &l[r.start * patches * dim..r.end * patches * dim];
-            evals.extend(eval_images(
-                gr,
-                lr,
-                &text,
-                dim,
-                &d.labels[r.clone()],
-                self.scale(),
-                self.cfg,
-            )?);
-        }
-        reduce(&evals, self.cfg)
     }
 }

@@ -13,7 +13,6 @@ use crate::metrics::OodMetrics;
 use crate::progress::Progress;
 use crate::score::Scorer;
 use engine::Engine;
-use evaluate::Outcome;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -370,12 +369,4 @@ fn abort_for_tests(steps_done: usize) {
             std::process::abort();
         }
     }
-}
-
-/// The objective value of the decided settings alone.
-pub fn current_value<B: Backend>(engine: &mut Engine<B>, progress: Progress) -> Result<Outcome> {
-    let bar = progress.bar(0, "evaluate", "evals");
-    let out = engine.current(&bar);
-    bar.finish_and_clear();
-    out
 }
