@@ -35,6 +35,13 @@ struct Cli {
     /// No progress bars or chatter (for scripts).
     #[arg(long, global = true)]
     quiet: bool,
+    /// Where the model runs: cpu, or cuda[:N] (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32 (CPU and CUDA), bf16 or f16 (CUDA); for `init-random`, the dtype of
+    /// the written weights.
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,8 +150,6 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = SaveDtype::F32)]
-        dtype: SaveDtype,
     },
 }
 
@@ -294,16 +299,16 @@ fn weights_path(arg: &Option<PathBuf>, progress: Progress) -> Result<PathBuf> {
 }
 
 /// Everything a job needs of the model.
-struct Loaded {
+struct Loaded<B: Backend> {
     file: WeightsFile,
-    model: Clip<CpuBackend>,
+    model: Clip<B>,
     tokenizer: Tokenizer,
 }
 
-fn load(weights: &Path) -> Result<Loaded> {
+fn load<B: Backend>(weights: &Path, backend: B) -> Result<Loaded<B>> {
     let (file, config) = open(weights)?;
     let tokenizer = Tokenizer::for_model_dir(file.path().parent())?;
-    let model = Clip::load(CpuBackend::new(), &file, &config)?;
+    let model = Clip::load(backend, &file, &config)?;
     Ok(Loaded {
         file,
         model,
@@ -311,8 +316,8 @@ fn load(weights: &Path) -> Result<Loaded> {
     })
 }
 
-fn run_search(
-    l: &Loaded,
+fn run_search<B: Backend>(
+    l: &Loaded<B>,
     id_val: &Path,
     labels: &LabelSet,
     cfg: &SearchConfig,
@@ -348,8 +353,8 @@ fn run_search(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_eval(
-    l: &Loaded,
+fn run_eval<B: Backend>(
+    l: &Loaded<B>,
     settings: Option<(&Path, SettingsFile)>,
     id_test: &Path,
     ood: &[(String, PathBuf)],
@@ -410,9 +415,9 @@ fn open(weights: &Path) -> Result<(WeightsFile, ClipConfig)> {
     Ok((file, config))
 }
 
-fn info(weights: &Path, json: bool) -> Result<()> {
+fn info<B: Backend>(weights: &Path, json: bool, backend: B) -> Result<()> {
     let (file, config) = open(weights)?;
-    let model = Clip::load(CpuBackend::new(), &file, &config)?;
+    let model = Clip::load(backend, &file, &config)?;
     let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
     for t in file.tensors().values() {
         *dtypes.entry(t.dtype.name()).or_default() += 1;
@@ -488,8 +493,71 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::invalid(format!("--threads {n}: {e}")))?;
     }
     let progress = Progress { quiet: cli.quiet };
-    match cli.command {
-        Command::Info { weights, json } => info(&weights, json),
+    if let Command::InitRandom {
+        preset: name,
+        out,
+        seed,
+    } = &cli.command
+    {
+        let dtype = match cli.dtype.as_str() {
+            "f32" => SaveDtype::F32,
+            "f16" => SaveDtype::F16,
+            "bf16" => SaveDtype::Bf16,
+            other => {
+                return Err(Error::invalid(format!(
+                    "--dtype {other}: expected f32, f16 or bf16"
+                )))
+            }
+        };
+        write_random_model(&preset(name)?, out, *seed, dtype)?;
+        if !progress.quiet {
+            eprintln!(
+                "wrote random {name} ({dtype:?}, seed {seed}) to {}",
+                out.display()
+            );
+        }
+        return Ok(());
+    }
+    let device = cli.device.trim().to_lowercase();
+    if device == "cpu" {
+        if cli.dtype != "f32" {
+            return Err(Error::invalid(format!(
+                "--dtype {} needs --device cuda: the CPU backend computes in f32",
+                cli.dtype
+            )));
+        }
+        return execute(cli.command, || Ok(CpuBackend::new()), progress);
+    }
+    if !device.starts_with("cuda") {
+        return Err(Error::invalid(format!(
+            "--device {device}: expected cpu or cuda[:N]"
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use setar_engine::backend::cuda::{ordinal_of, CudaBackend, DType};
+        let ordinal = ordinal_of(&device)?;
+        let dtype: DType = cli.dtype.parse()?;
+        execute(
+            cli.command,
+            move || CudaBackend::new(ordinal, dtype),
+            progress,
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::invalid(format!(
+        "--device {device}: this binary was built without CUDA (cargo build --release --features cuda)"
+    )))
+}
+
+/// Runs a command; `make` builds the compute backend for the commands that load a model.
+fn execute<B: Backend>(
+    command: Command,
+    make: impl FnOnce() -> Result<B>,
+    progress: Progress,
+) -> Result<()> {
+    match command {
+        Command::Info { weights, json } => info(&weights, json, make()?),
         Command::Embed {
             weights,
             images,
@@ -500,7 +568,7 @@ fn run(cli: Cli) -> Result<()> {
             let start = Instant::now();
             let (file, config) = open(&weights)?;
             let tokenizer = Tokenizer::for_model_dir(file.path().parent())?;
-            let model = Clip::load(CpuBackend::new(), &file, &config)?;
+            let model = Clip::load(make()?, &file, &config)?;
             let job = EmbedJob {
                 images_dir: &images,
                 prompts_file: &prompts,
@@ -509,7 +577,7 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
             };
             let (n, t) = run_embed(&model, &tokenizer, &job)?;
-            if !cli.quiet {
+            if !progress.quiet {
                 eprintln!(
                     "embedded {n} images and {t} prompts in {:.1} s on {} → {}",
                     start.elapsed().as_secs_f64(),
@@ -527,7 +595,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let labels = LabelSet::resolve(&labels)?;
-            let l = load(&weights_path(&model.weights, progress)?)?;
+            let l = load(&weights_path(&model.weights, progress)?, make()?)?;
             let cfg = search.config(&labels, 100.0, model.batch)?;
             run_search(&l, &id_val, &labels, &cfg, &out, progress)?;
             Ok(())
@@ -542,7 +610,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let labels = LabelSet::resolve(&labels)?;
-            let l = load(&weights_path(&model.weights, progress)?)?;
+            let l = load(&weights_path(&model.weights, progress)?, make()?)?;
             let settings = match &settings {
                 Some(p) => Some((p.as_path(), SettingsFile::read(p)?)),
                 None => None,
@@ -593,7 +661,7 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             let labels = LabelSet::resolve(&labels)?;
-            let l = load(&weights_path(&model.weights, progress)?)?;
+            let l = load(&weights_path(&model.weights, progress)?, make()?)?;
             let cfg = search.config(&labels, eval.temperature, model.batch)?;
             let settings = run_search(
                 &l,
@@ -621,12 +689,12 @@ fn run(cli: Cli) -> Result<()> {
             settings,
             out,
         } => {
-            let l = load(&weights)?;
+            let l = load(&weights, make()?)?;
             let s = SettingsFile::read(&settings)?;
             s.check_model(&settings, &l.model)?;
             let applied = jobs::apply_settings(&l.model, &l.file, &s)?;
             let file = jobs::write_applied(&l.file, &applied, &l.model.config, &out)?;
-            if !cli.quiet {
+            if !progress.quiet {
                 eprintln!(
                     "wrote {} ({} low-rank weights)",
                     file.display(),
@@ -646,22 +714,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("cuda: not built (rebuild with --features cuda)");
             Ok(())
         }
-        Command::InitRandom {
-            preset: name,
-            out,
-            seed,
-            dtype,
-        } => {
-            let config = preset(&name)?;
-            write_random_model(&config, &out, seed, dtype)?;
-            if !cli.quiet {
-                eprintln!(
-                    "wrote random {name} ({dtype:?}, seed {seed}) to {}",
-                    out.display()
-                );
-            }
-            Ok(())
-        }
+        // Handled in `run`, before a backend is chosen.
+        Command::InitRandom { .. } => Ok(()),
     }
 }
 

@@ -276,3 +276,21 @@ fn blank_prompt_line() {
         &[s(&prompts), "line 2 is empty"],
     );
 }
+
+#[test]
+fn device_and_dtype_flags_are_checked() {
+    let w = fixture_model();
+    fails_with(
+        &["info", "--weights", s(&w), "--dtype", "bf16"],
+        &["--dtype bf16", "cuda"],
+    );
+    fails_with(
+        &["info", "--weights", s(&w), "--device", "tpu"],
+        &["--device tpu"],
+    );
+    // Without a GPU (or without the feature) asking for CUDA is an error, not a panic.
+    fails_with(
+        &["info", "--weights", s(&w), "--device", "cuda:0"],
+        &["CUDA"],
+    );
+}
