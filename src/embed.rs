@@ -32,11 +32,7 @@ pub fn embed_images<B: Backend>(
     let bar = progress.bar(entries.len(), "images", "img");
     let (mut embeds, mut local) = (Vec::new(), Vec::new());
     for chunk in entries.chunks(batch.max(1)) {
-        let pixels: Vec<Vec<f32>> = chunk
-            .par_iter()
-            .map(|e| preprocess_file(&e.path, size))
-            .collect::<Result<_>>()?;
-        let pixels = pixels.concat();
+        let pixels = preprocess_all(chunk, size, Progress { quiet: true })?;
         let f = model.encode_images(&pixels, chunk.len(), true)?;
         embeds.extend(f.embeds);
         local.extend(f.local.expect("asked for local features"));

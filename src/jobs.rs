@@ -344,11 +344,8 @@ fn score_images<B: Backend>(
     let mut per_scorer = vec![Vec::with_capacity(entries.len()); scorers.len()];
     let mut all_global = Vec::with_capacity(entries.len() * classes);
     for chunk in entries.chunks(batch.max(1)) {
-        let pixels: Vec<Vec<f32>> = chunk
-            .par_iter()
-            .map(|e| crate::image::preprocess_file(&e.path, size))
-            .collect::<Result<_>>()?;
-        let f = model.encode_images_with(&pixels.concat(), chunk.len(), true, ov)?;
+        let pixels = preprocess_all(chunk, size, Progress { quiet: true })?;
+        let f = model.encode_images_with(&pixels, chunk.len(), true, ov)?;
         let local = f.local.expect("local features");
         let g = crate::search::evaluate::logits(&f.embeds, dim, text, scale)?;
         let l = crate::search::evaluate::logits(&local, dim, text, scale)?;

@@ -10,7 +10,9 @@
 //! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
 //! re-runs both towers on everything.
 
-use super::evaluate::{eval_images, normalised, reduce, ImageEval, Outcome};
+use super::evaluate::{
+    eval_images, eval_normalised, normalised, normalised_features, reduce, ImageEval, Outcome,
+};
 use super::SearchConfig;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -45,7 +47,7 @@ impl SearchData {
     }
 }
 
-/// Global `[n, dim]` and local `[n, patches, dim]` image features (unnormalised).
+/// Global `[n, dim]` and local `[n, patches, dim]` image features, L2-normalised once.
 pub struct ImageFeatureSet {
     pub global: Vec<f32>,
     pub local: Vec<f32>,
@@ -246,9 +248,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             l.extend(f.local.expect("local features"));
         }
         drop(ov);
+        let dim = self.model.config.projection_dim;
         let f = Arc::new(ImageFeatureSet {
-            global: g,
-            local: l,
+            global: normalised_features(&g, dim)?,
+            local: normalised_features(&l, dim)?,
         });
         self.image_cache = Some((self.vision_version, f.clone()));
         Ok(f)
@@ -292,7 +295,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         for r in self.chunks() {
             let gr = &g[r.start * dim..r.end * dim];
             let lr = &l[r.start * patches * dim..r.end * patches * dim];
-            evals.extend(eval_images(
+            evals.extend(eval_normalised(
                 gr,
                 lr,
                 text,

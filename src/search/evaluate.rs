@@ -47,15 +47,30 @@ fn check_finite(what: &str, v: &[f32]) -> Result<()> {
 
 /// `scale · normalise(x) · textᵀ`: `[rows, classes]` logits.
 pub fn logits(x: &[f32], dim: usize, text: &[f32], scale: f32) -> Result<Vec<f32>> {
+    Ok(scaled_cosines(
+        &normalised_features(x, dim)?,
+        dim,
+        text,
+        scale,
+    ))
+}
+
+/// Image features checked for NaN/inf and L2-normalised per row.
+pub fn normalised_features(x: &[f32], dim: usize) -> Result<Vec<f32>> {
     check_finite("image features", x)?;
     let mut x = x.to_vec();
     l2_normalize_rows(&mut x, dim);
+    Ok(x)
+}
+
+/// `scale · x · textᵀ` for already normalised rows.
+fn scaled_cosines(x: &[f32], dim: usize, text: &[f32], scale: f32) -> Vec<f32> {
     let rows = x.len() / dim;
     let classes = text.len() / dim;
     let mut out = vec![0.0; rows * classes];
-    linear_into(&x, rows, text, None, classes, dim, &mut out);
+    linear_into(x, rows, text, None, classes, dim, &mut out);
     out.iter_mut().for_each(|v| *v *= scale);
-    Ok(out)
+    out
 }
 
 /// Evaluates a chunk of images: `global [n, dim]`, `local [n, patches, dim]` (unnormalised),
@@ -69,11 +84,28 @@ pub fn eval_images(
     scale: f32,
     cfg: &SearchConfig,
 ) -> Result<Vec<ImageEval>> {
+    let (g, l) = (
+        normalised_features(global, dim)?,
+        normalised_features(local, dim)?,
+    );
+    eval_normalised(&g, &l, text, dim, labels, scale, cfg)
+}
+
+/// As [`eval_images`], for image features that are already normalised (the cached ones).
+pub fn eval_normalised(
+    global: &[f32],
+    local: &[f32],
+    text: &[f32],
+    dim: usize,
+    labels: &[usize],
+    scale: f32,
+    cfg: &SearchConfig,
+) -> Result<Vec<ImageEval>> {
     let classes = text.len() / dim;
     let n = labels.len();
     let patches = local.len() / (n * dim).max(1);
-    let g = logits(global, dim, text, scale)?;
-    let l = logits(local, dim, text, scale)?;
+    let g = scaled_cosines(global, dim, text, scale);
+    let l = scaled_cosines(local, dim, text, scale);
     let metric_scorer: Option<Scorer> = match cfg.objective {
         Objective::Auroc | Objective::Aupr | Objective::Fpr => Some(cfg.scorer),
         _ => None,
