@@ -32,6 +32,8 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16}
+PEER_DIR=${PEER_DIR:-/tmp/setar-search}
+PEER_SECONDS=${PEER_SECONDS:-90}
 mkdir -p "$OUT"
 
 main() {
@@ -83,8 +85,8 @@ else
 fi
 
 echo "== setar-engine device_check (parity + image tower, batch $BATCH)"
-timeout 300 .device/bin/device_check --model "$MODEL" --batch "$BATCH" --reps "$REPS" \
-  --dtypes "$DTYPES" --out "$OUT/setar.json" || { echo "device_check FAILED"; status=1; }
+timeout 420 .device/bin/device_check --model "$MODEL" --batch "$BATCH" --reps "$REPS" \
+  --dtypes "$DTYPES" --peer-dir "$PEER_DIR" --out "$OUT/setar.json" || { echo "device_check FAILED"; status=1; }
 
 echo "== PyTorch peer (HF CLIPModel, sdpa)"
 if [ -f "$MODEL/model.safetensors" ]; then
@@ -92,6 +94,15 @@ if [ -f "$MODEL/model.safetensors" ]; then
     --reps $((REPS * 2)) --dtypes bf16,f32 > "$OUT/hf.json" || { echo "peer FAILED"; status=1; }
 else
   echo "no model at $MODEL"; status=1
+fi
+
+echo "== PyTorch peer of the search (settings re-applied per candidate, bf16, capped at ${PEER_SECONDS}s)"
+if [ -f "$PEER_DIR/search.json" ]; then
+  PYTHONUNBUFFERED=1 timeout $((PEER_SECONDS + 120)) $PYTHON scripts/torch_search_peer.py \
+    --model "$MODEL" --data "$PEER_DIR" --dtype bf16 --max-seconds "$PEER_SECONDS" \
+    > "$OUT/peer_search.json" || { echo "search peer FAILED"; status=1; }
+else
+  echo "no search data at $PEER_DIR (device_check's search section failed?)"; status=1
 fi
 
 $PYTHON - "$OUT" "$BATCH" "$(( $(date +%s) - start ))" <<'PY'
@@ -102,7 +113,7 @@ def load(name):
         return json.load(open(os.path.join(out, name)))
     except Exception as e:
         return {"error": f"{name}: {e}"}
-ours, hf = load("setar.json"), load("hf.json")
+ours, hf, peer = load("setar.json"), load("hf.json"), load("peer_search.json")
 L = [f"# CUDA device check ({(ours.get('devices') or ['?'])[0]}, {hf.get('peer', '?')})", ""]
 L += [f"Image tower, ViT-B/16 random weights (real layout), 224 px, batch {batch}, global features.", "",
       "| dtype | setar-engine img/s (end to end) | setar-engine img/s (pixels on device) | TFLOP/s | HF img/s | ratio (device-resident / HF) |",
@@ -117,6 +128,10 @@ for d in ["bf16", "f16", "f32"]:
     p = peer.get(d, {}).get("img_per_s")
     ratio = f"{t['img_per_s_device_resident'] / p:.2f}x" if p else "–"
     L.append(f"| {d} | {t['img_per_s']:.0f} | {t['img_per_s_device_resident']:.0f} | {t['tflops_device_resident']:.0f} | {p and round(p) or '–'} | {ratio} |")
+for d in ["bf16", "f16", "f32"]:
+    prof = tower.get(d, {}).get("profile")
+    if prof:
+        L.append(f"{d} op profile (one batch, synchronised per op): " + ", ".join(f"{p['op']} {p['ms']:.1f} ms x{p['calls']}" for p in prof))
 g_ours, g_torch = ours.get("gemm_bf16_8192_tflops"), hf.get("gemm_bf16_8192_tflops")
 L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, float) else round(g_torch)} TFLOP/s, "
       f"our cuBLASLt path {g_ours if not isinstance(g_ours, float) else round(g_ours)} TFLOP/s."]
@@ -130,6 +145,40 @@ for name, r in ours.get("parity", {}).items():
         L.append(f"| {name} | ERROR {r['error']} | | |"); continue
     cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in ["f32", "bf16", "f16"]]
     L.append(f"| {name} | " + " | ".join(cells) + " |")
+search = ours.get("search", {})
+L += ["", "SeTAR search, random ViT-B/16 (real layout), synthetic validation data, visual_text over mlp.fc1, 24 steps x 9 ratios, LoCoOp (lambda 0.1, K 300):", ""]
+if "error" in search:
+    L.append(f"ERROR {search['error']}")
+for d, r in search.items():
+    if not isinstance(r, dict) or "search" not in r:
+        continue
+    s = r["search"]
+    if "error" in s:
+        L.append(f"- {d}: ERROR {s['error']}"); continue
+    L.append(f"- setar-engine {d}: {s['seconds']:.2f} s for {s['images']} images x {s['classes']} classes "
+             f"({s['candidates_evaluated']} candidates evaluated; the 24 SVDs {s['svd_seconds']:.2f} s of it), "
+             f"peak device memory {s['peak_device_memory_bytes'] / 2**30:.2f} GiB")
+    sc = r.get("scoring", {})
+    if "img_per_s" in sc:
+        L.append(f"- scoring (tower + local features + MCM & GL-MCM), {d}: {sc['images']} images in {sc['seconds']:.2f} s = {sc['img_per_s']:.0f} img/s")
+    if "seconds_full_search" in peer:
+        how = "measured" if peer["complete"] else f"estimated from {peer['candidates_done']} of {peer['candidates_total']} candidates ({peer['seconds_per_candidate']:.3f} s each)"
+        L.append(f"- PyTorch peer ({peer['dtype']}): {peer['seconds_full_search']:.1f} s {how}; SVDs {peer['svd_seconds']:.2f} s; "
+                 f"speed-up {peer['seconds_full_search'] / s['seconds']:.1f}x")
+        n = len(peer.get("chosen_ratios", []))
+        same = sum(a == b for a, b in zip(peer.get("chosen_ratios", []), s["chosen_ratios"]))
+        L.append(f"- decisions: {same} of the peer's {n} completed steps chose the same ratio as ours")
+    elif "error" in peer:
+        L.append(f"- PyTorch peer: ERROR {peer['error']}")
+mem = ours.get("memory", {})
+if mem:
+    m = mem.get("clip_l14_24GiB", {})
+    if "peak_device_memory_bytes" in m:
+        L.append(f"- CLIP-L/14, 1000 images, --max-memory 24 GiB: chunk {m['chunk']}, peak {m['peak_device_memory_bytes'] / 2**30:.2f} GiB, first vision + text step {m['seconds']:.1f} s")
+    t = mem.get("clip_l14_2GiB_chunk256", {})
+    L.append(f"- 2 GiB budget with chunk 256: {t.get('error_reported', t)}; device usable after: {mem.get('device_usable_after')}")
+    if "error" in mem:
+        L.append(f"- memory check ERROR {mem['error']}")
 L += ["", f"Libraries: {', '.join(ours.get('libraries', []))}", f"Wall time of the check: {wall} s."]
 text = "\n".join(L) + "\n"
 open(os.path.join(out, "device-check.md"), "w").write(text)

@@ -86,7 +86,7 @@ impl LocoopConfig {
         }
     }
 
-    fn validate(&self, classes: usize) -> Result<()> {
+    pub(crate) fn validate(&self, classes: usize) -> Result<()> {
         if !self.lambda.is_finite() {
             return Err(Error::invalid(format!(
                 "LoCoOp lambda must be finite, got {}",
@@ -374,7 +374,7 @@ fn check_local(local: &[f32], classes: usize) -> Result<usize> {
 }
 
 /// ln Σ exp(x) − x[label], in f64.
-fn cross_entropy(global: &[f32], label: usize) -> f64 {
+pub(crate) fn cross_entropy(global: &[f32], label: usize) -> f64 {
     let m = max_f32(global) as f64;
     let sum: f64 = global.iter().map(|&x| (x as f64 - m).exp()).sum();
     m + sum.ln() - global[label] as f64
@@ -389,7 +389,7 @@ fn key(x: f32) -> i32 {
 
 /// `#{c : x_c > x_label} + #{c < label : x_c = x_label}` in the total order; the label is in
 /// the top-K iff this is < K. One branch-free pass, which vectorises.
-fn label_rank(row: &[f32], label: usize) -> usize {
+pub(crate) fn label_rank(row: &[f32], label: usize) -> usize {
     let k = key(row[label]);
     let before = row[..label]
         .iter()
@@ -401,7 +401,7 @@ fn label_rank(row: &[f32], label: usize) -> usize {
 }
 
 /// −Σ p·ln(p + ε) with p = softmax(row); `scratch` has the row's length.
-fn patch_entropy(row: &[f32], scratch: &mut [f32]) -> f64 {
+pub(crate) fn patch_entropy(row: &[f32], scratch: &mut [f32]) -> f64 {
     let m = max_f32(row);
     for (s, &x) in scratch.iter_mut().zip(row) {
         *s = x - m;

@@ -42,6 +42,11 @@ struct Cli {
     /// the written weights.
     #[arg(long, global = true, default_value = "f32")]
     dtype: String,
+    /// With --device cuda: the most device memory our tensors may hold, e.g. 24G (binary
+    /// units); the search's --batch is lowered to fit, and going past it is a clean
+    /// out-of-memory error.
+    #[arg(long, global = true, value_name = "SIZE")]
+    max_memory: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -326,6 +331,25 @@ fn run_search<B: Backend>(
 ) -> Result<SettingsFile> {
     let start = Instant::now();
     let data = jobs::search_data(&l.model, &l.tokenizer, id_val, labels, progress)?;
+    let mut cfg = cfg.clone();
+    if let Some(budget) = l.model.backend.memory_budget() {
+        let batch = setar_engine::search::memory::fit_batch(
+            &l.model.config,
+            l.file.parameter_count(),
+            l.model.backend.value_bytes(),
+            data.len(),
+            cfg.batch,
+            budget,
+        )?;
+        if batch < cfg.batch && !progress.quiet {
+            eprintln!(
+                "--batch {} lowered to {batch} to fit --max-memory",
+                cfg.batch
+            );
+        }
+        cfg.batch = batch;
+    }
+    let cfg = &cfg;
     let (state, settings) = jobs::search(&l.model, &l.file, &data, cfg, out, progress)?;
     if !progress.quiet {
         let decided: Vec<String> = settings
@@ -519,7 +543,17 @@ fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let device = cli.device.trim().to_lowercase();
+    let max_memory = cli
+        .max_memory
+        .as_deref()
+        .map(setar_engine::search::memory::parse_bytes)
+        .transpose()?;
     if device == "cpu" {
+        if max_memory.is_some() {
+            return Err(Error::invalid(
+                "--max-memory caps device memory: it needs --device cuda",
+            ));
+        }
         if cli.dtype != "f32" {
             return Err(Error::invalid(format!(
                 "--dtype {} needs --device cuda: the CPU backend computes in f32",
@@ -535,12 +569,16 @@ fn run(cli: Cli) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        use setar_engine::backend::cuda::{ordinal_of, CudaBackend, DType};
+        use setar_engine::backend::cuda::{ordinal_of, CudaBackend, CudaOptions, DType};
         let ordinal = ordinal_of(&device)?;
         let dtype: DType = cli.dtype.parse()?;
+        let opts = CudaOptions {
+            max_memory,
+            ..CudaOptions::new(dtype)
+        };
         execute(
             cli.command,
-            move || CudaBackend::new(ordinal, dtype),
+            move || CudaBackend::with_options(ordinal, opts),
             progress,
         )
     }

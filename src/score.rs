@@ -332,7 +332,7 @@ pub(crate) fn sum_f64(xs: &[f32]) -> f64 {
 }
 
 /// Fills `scratch` with e_c = exp((x_c − max)/T) and returns (max, Σ e_c). softmax = e / Σ.
-fn softmax_sum(row: &[f32], t: f64, scratch: &mut Vec<f32>) -> (f32, f64) {
+pub(crate) fn softmax_sum(row: &[f32], t: f64, scratch: &mut Vec<f32>) -> (f32, f64) {
     let m = max_f32(row);
     let inv_t = (1.0 / t) as f32;
     scratch.clear();

@@ -38,6 +38,8 @@ fn backend(dtype: DType, gemm: GemmPath) -> Option<&'static CudaBackend> {
             gemm,
             poison: true,
             sync_each_op: true,
+            max_memory: None,
+            profile: false,
         };
         CudaBackend::with_options(0, opts).map_err(|e| e.to_string())
     });
@@ -677,6 +679,196 @@ fn lowrank_correct_matches_cpu() {
     }
 }
 
+/// `row_stats_f32` against its CPU twin on the very same logits: `text` is the identity, so
+/// the logits are `scale · x` exactly in every dtype, and the argmax and label ranks must agree
+/// exactly (ties planted: copies of the label's logit before and after it); the sums within
+/// f32 rounding. Then with real normalised features, where the GEMMs differ by rounding.
+#[test]
+fn logit_row_stats_match_cpu() {
+    let mut rng = Rng::new("row stats");
+    let (classes, groups, per) = (301, 7, 13);
+    let rows = groups * per;
+    let mut x = rng.vec(rows * classes, -5.0, 5.0);
+    let labels: Vec<usize> = (0..groups).map(|_| rng.below(classes)).collect();
+    for r in (0..rows).step_by(3) {
+        let l = labels[r / per];
+        let v = x[r * classes + l];
+        for _ in 0..2 {
+            let c = rng.below(classes);
+            x[r * classes + c] = v;
+        }
+    }
+    let eye: Vec<f32> = (0..classes * classes)
+        .map(|i| if i / classes == i % classes { 1.0 } else { 0.0 })
+        .collect();
+    let cpu = CpuBackend::new();
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let xs = stored(dtype, &x);
+        for (rpl, labels) in [
+            (per, labels.clone()),
+            (1, (0..rows).map(|r| labels[r / per]).collect()),
+        ] {
+            let want = cpu
+                .logit_row_stats(&xs, &eye, classes, 1.7, &labels, rpl, 0.7)
+                .unwrap();
+            let got = b
+                .logit_row_stats(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, rpl, 0.7)
+                .unwrap();
+            assert_eq!(got.len(), rows);
+            for (i, (g, c)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.argmax, c.argmax, "{dtype} row {i}: argmax");
+                assert_eq!(g.label_rank, c.label_rank, "{dtype} row {i}: label rank");
+            }
+            for (what, f) in [
+                (
+                    "cross-entropy",
+                    (|s: &setar_engine::backend::RowStats| s.cross_entropy) as fn(&_) -> f64,
+                ),
+                ("entropy", |s| s.entropy),
+                ("sum exp / T", |s| s.sum_exp_t),
+            ] {
+                let (g, c): (Vec<f32>, Vec<f32>) = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, c)| (f(g) as f32, f(c) as f32))
+                    .unzip();
+                check(
+                    &format!("row stats {what} (rows per label {rpl})"),
+                    dtype,
+                    &g,
+                    &c,
+                    1e-5,
+                );
+            }
+        }
+        // Normalised features against normalised text: the GEMMs round differently, so the
+        // sums are compared (ranks may flip on near-ties).
+        let dim = 37;
+        let mut f = rng.vec(rows * dim, -1.0, 1.0);
+        let mut t = rng.vec(classes * dim, -1.0, 1.0);
+        l2_normalize_rows(&mut f, dim);
+        l2_normalize_rows(&mut t, dim);
+        let (fs, ts) = (stored(dtype, &f), stored(dtype, &t));
+        let want = cpu
+            .logit_row_stats(&fs, &ts, dim, 100.0, &labels, per, 1.0)
+            .unwrap();
+        let got = b
+            .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 100.0, &labels, per, 1.0)
+            .unwrap();
+        let (g, c): (Vec<f32>, Vec<f32>) = got
+            .iter()
+            .zip(&want)
+            .map(|(g, c)| (g.cross_entropy as f32, c.cross_entropy as f32))
+            .unzip();
+        check("row stats cross-entropy, GEMM", dtype, &g, &c, tol(dtype));
+        assert!(b
+            .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 1.0, &labels[1..], per, 1.0)
+            .is_err());
+    }
+}
+
+/// W' = W − Σ σᵢuᵢvᵢᵀ on the device (`lowrank_weight`) against `Svd::pruned` in f64.
+#[test]
+fn lowrank_weight_matches_host_pruning() {
+    use setar_engine::lowrank::{PruneType, Svd, Target, Tower, WeightType};
+    let mut rng = Rng::new("low-rank weight");
+    let (out_dim, in_dim) = (41, 27);
+    let weight = rng.vec(out_dim * in_dim, -1.0, 1.0);
+    let target = Target {
+        tower: Tower::Visual,
+        weight: WeightType::Up,
+        layer: Some(0),
+    };
+    let svd = Svd::new(&weight, out_dim, in_dim).unwrap();
+    let order = svd.removal_order(PruneType::Minor, &target);
+    for dtype in DType::ALL {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let ws = stored(dtype, &weight);
+        for rank in [0, 1, 9, 27] {
+            let (vt, su) = svd.removed_factors(&order, rank);
+            let got = b
+                .lowrank_weight(&up(b, &ws), &up(b, &vt), &up(b, &su), rank, out_dim, in_dim)
+                .unwrap()
+                .expect("the device computes W'");
+            let want = svd.pruned(&weight, &order, rank);
+            check(
+                &format!("lowrank_weight rank {rank}"),
+                dtype,
+                &b.to_vec(&got).unwrap(),
+                &want,
+                2.0 * tol(dtype),
+            );
+        }
+        let (vt, su) = svd.removed_factors(&order, 3);
+        assert!(b
+            .lowrank_weight(&up(b, &ws), &up(b, &vt), &up(b, &su), 4, out_dim, in_dim)
+            .is_err());
+    }
+}
+
+/// The cuSOLVER SVDs (tall, wide and square; two of one shape share a batch) against faer's:
+/// singular values, and W' for several ranks (which does not depend on signs or on the
+/// basis chosen inside repeated singular values).
+#[test]
+fn cusolver_svds_match_faer() {
+    use setar_engine::lowrank::{PruneType, Svd, Target, Tower, WeightType};
+    let Some(b) = backend(DType::F32, GemmPath::Auto) else {
+        return;
+    };
+    let mut rng = Rng::new("svd");
+    let shapes = [(67, 23), (23, 67), (67, 23), (31, 31), (300, 77)];
+    let mats: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(o, i)| rng.vec(o * i, -1.0, 1.0))
+        .collect();
+    let args: Vec<(&[f32], usize, usize)> = mats
+        .iter()
+        .zip(&shapes)
+        .map(|(m, &(o, i))| (m.as_slice(), o, i))
+        .collect();
+    let got = b.thin_svds(&args).unwrap();
+    let target = Target {
+        tower: Tower::Text,
+        weight: WeightType::Down,
+        layer: Some(1),
+    };
+    for ((m, &(o, i)), g) in mats.iter().zip(&shapes).zip(&got) {
+        let want = Svd::new(m, o, i).unwrap();
+        assert_eq!((g.out_dim, g.in_dim, g.k()), (o, i, o.min(i)));
+        let (gs, ws): (Vec<f32>, Vec<f32>) =
+            g.s.iter()
+                .zip(&want.s)
+                .map(|(a, b)| (*a as f32, *b as f32))
+                .unzip();
+        check(
+            &format!("singular values {o}x{i}"),
+            DType::F32,
+            &gs,
+            &ws,
+            1e-7,
+        );
+        for prune in [PruneType::Minor, PruneType::Principal] {
+            for r in [1, o.min(i) / 3, o.min(i) - 1] {
+                let a = g.pruned(m, &g.removal_order(prune, &target), r);
+                let w = want.pruned(m, &want.removal_order(prune, &target), r);
+                check(
+                    &format!("W' {o}x{i} {prune:?} rank {r}"),
+                    DType::F32,
+                    &a,
+                    &w,
+                    1e-6,
+                );
+            }
+        }
+    }
+    assert!(b.thin_svds(&[(&mats[0][1..], 67, 23)]).is_err());
+}
+
 /// Whole-model parity, CUDA vs CPU: image, local and text embeddings and logits.
 fn model_parity(dir: &std::path::Path, dtype: DType) -> Option<f64> {
     let b = backend(dtype, GemmPath::Auto)?;
@@ -803,5 +995,55 @@ fn models_match_cpu_bf16_and_f16() {
                 dir.display()
             );
         }
+    }
+}
+
+/// The reference search fixtures on CUDA f32: the same decision at every step and the same
+/// final settings as the reference (and so as the CPU, which tests/search.rs holds to it),
+/// candidates within 1e-4 of the reference's objective (f32 GEMMs, other summation orders).
+#[test]
+fn search_fixtures_take_the_reference_decisions_f32() {
+    use common::search_fixture::{check_against_reference, load, run, NAMES};
+    let Some(b) = backend(DType::F32, GemmPath::Auto) else {
+        return;
+    };
+    for name in NAMES {
+        let f = load(name, CudaBackend::with_options(0, b.options()).unwrap());
+        let ours = run(&f, false);
+        let worst = check_against_reference(name, &f.json, &ours, 1e-4);
+        println!("search {name:<26} f32 CUDA: same decisions, worst candidate error {worst:.2e}");
+    }
+}
+
+/// The same fixtures in bf16 and f16: how often the decisions agree with the reference's
+/// (reported, as the issue asks; low precision can flip close calls, so not asserted).
+#[test]
+fn search_fixtures_agreement_in_bf16_and_f16() {
+    use common::search_fixture::{load, run, NAMES};
+    for dtype in [DType::BF16, DType::F16] {
+        let Some(b) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let (mut same, mut total) = (0, 0);
+        for name in NAMES {
+            let f = load(name, CudaBackend::with_options(0, b.options()).unwrap());
+            let ours = run(&f, false);
+            let want = f.json["steps"].as_array().unwrap();
+            let agree = ours
+                .steps
+                .iter()
+                .zip(want)
+                .filter(|(s, w)| serde_json::to_value(s.chosen).unwrap() == w["chosen"])
+                .count();
+            println!(
+                "search {name:<26} {dtype:>4} CUDA: {agree}/{} decisions as the reference",
+                want.len()
+            );
+            same += agree;
+            total += want.len();
+        }
+        println!(
+            "search fixtures {dtype:>4} CUDA: {same}/{total} decisions agree with the reference"
+        );
     }
 }

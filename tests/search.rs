@@ -5,172 +5,13 @@
 
 mod common;
 
-use common::fixtures;
-use serde_json::Value;
+use common::search_fixture::{load, rel, run, TOLERANCE};
 use setar_engine::backend::cpu::CpuBackend;
-use setar_engine::config::ClipConfig;
-use setar_engine::data::LabelSet;
-use setar_engine::jobs::search_data;
-use setar_engine::loss::{Averaging, LocoopConfig};
-use setar_engine::lowrank::{PruneType, WeightType};
-use setar_engine::model::Clip;
-use setar_engine::progress::Progress;
-use setar_engine::score::Scorer;
-use setar_engine::search::engine::{Engine, SearchData};
-use setar_engine::search::{self, Objective, Order, SearchConfig, SearchState};
-use setar_engine::tokenizer::Tokenizer;
-use setar_engine::weights::WeightsFile;
 
-const TOLERANCE: f64 = 1e-5;
-
-struct Fixture {
-    json: Value,
-    weights: WeightsFile,
-    model: Clip<CpuBackend>,
-    data: SearchData,
-    cfg: SearchConfig,
-}
-
-fn load(name: &str) -> Fixture {
-    let root = fixtures().join("search");
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join(format!("{name}.json"))).unwrap())
-            .unwrap();
-    let repo = fixtures().parent().unwrap().parent().unwrap().to_path_buf();
-    let model_dir = repo.join(json["model_dir"].as_str().unwrap());
-    let weights = WeightsFile::open(&model_dir).unwrap();
-    let config = ClipConfig::for_weights(&weights).unwrap();
-    let model = Clip::load(CpuBackend::new(), &weights, &config).unwrap();
-    let labels_file = tempfile::NamedTempFile::new().unwrap();
-    let classes: Vec<String> = serde_json::from_value(json["class_names"].clone()).unwrap();
-    std::fs::write(labels_file.path(), classes.join("\n")).unwrap();
-    let labels = LabelSet::resolve(labels_file.path().to_str().unwrap()).unwrap();
-    let tokenizer = Tokenizer::embedded();
-    let data = search_data(
-        &model,
-        &tokenizer,
-        &repo.join(json["id_val_dir"].as_str().unwrap()),
-        &labels,
-        Progress { quiet: true },
-    )
-    .unwrap();
-    let want_images: Vec<String> = serde_json::from_value(json["images"].clone()).unwrap();
-    assert_eq!(data.images, want_images, "image order");
-    let p = &json["params"];
-    let order: Order = serde_json::from_value(p["searcher"].clone()).unwrap();
-    let objective: Objective = serde_json::from_value(p["best_metric"].clone()).unwrap();
-    let scorer = match p["best_scorer"].as_str().unwrap() {
-        "loss" => Scorer::Mcm,
-        s => s.parse().unwrap(),
-    };
-    let cfg = SearchConfig {
-        order,
-        objective,
-        scorer,
-        ratios: serde_json::from_value(p["candi_ratios"].clone()).unwrap(),
-        weight: p["weight_type"]
-            .as_str()
-            .unwrap()
-            .parse::<WeightType>()
-            .unwrap(),
-        prune: match p["prune_type"].as_str().unwrap() {
-            "minor" => PruneType::Minor,
-            "principal" => PruneType::Principal,
-            other => panic!("prune {other}"),
-        },
-        locoop: LocoopConfig {
-            lambda: p["locoop_lambda"].as_f64().unwrap(),
-            top_k: p["locoop_top_k"].as_u64().unwrap() as usize,
-            use_pred_label: p["use_pred_label"].as_bool().unwrap(),
-            averaging: Averaging::PerBatch(p["loss_batch_size"].as_u64().unwrap() as usize),
-        },
-        temperature: p["temperature"].as_f64().unwrap(),
-        recall_level: p["recall_level"].as_f64().unwrap(),
-        freeze_proj: p["freeze_proj"].as_bool().unwrap(),
-        batch: 7,
-        naive: false,
-    };
-    Fixture {
-        json,
-        weights,
-        model,
-        data,
-        cfg,
-    }
-}
-
-fn run(f: &Fixture, naive: bool) -> SearchState {
-    let cfg = SearchConfig {
-        naive,
-        ..f.cfg.clone()
-    };
-    let mut engine = Engine::new(&f.model, &f.weights, &f.data, &cfg);
-    search::run(&mut engine, &cfg, "test", None, Progress { quiet: true }).unwrap()
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
-/// Compares our search with the reference's, step by step.
 fn check_against_reference(name: &str) {
-    let f = load(name);
+    let f = load(name, CpuBackend::new());
     let ours = run(&f, false);
-    let steps = f.json["steps"].as_array().unwrap();
-    assert_eq!(ours.steps.len(), steps.len(), "{name}: number of steps");
-    let mut worst = 0.0f64;
-    for (s, want) in ours.steps.iter().zip(steps) {
-        for c in &s.candidates {
-            let wc = want["candidates"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|w| {
-                    w["tower"].as_str() == Some(c.target.tower.name())
-                        && w["layer"].as_u64().map(|l| l as usize) == c.target.layer
-                        && (w["ratio"].as_f64().unwrap() - c.ratio).abs() < 1e-12
-                })
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{name}: step {} has no reference candidate {} {}",
-                        s.step, c.target, c.ratio
-                    )
-                });
-            // A "fragile" candidate has a top-K membership, predicted label or score pair within
-            // float noise of flipping; the oracle gives the range of values the flips can give.
-            let err = if wc["fragile"].as_bool() == Some(true) {
-                let (lo, hi) = (
-                    wc["value_lo"].as_f64().unwrap(),
-                    wc["value_hi"].as_f64().unwrap(),
-                );
-                if c.value >= lo.min(hi) && c.value <= lo.max(hi) {
-                    0.0
-                } else {
-                    rel(c.value, lo).min(rel(c.value, hi))
-                }
-            } else {
-                rel(c.value, wc["value"].as_f64().unwrap())
-            };
-            worst = worst.max(err);
-            assert!(
-                err <= TOLERANCE,
-                "{name}: step {} {} ratio {}: ours {} vs reference {} (rel {err:.2e})",
-                s.step,
-                c.target,
-                c.ratio,
-                c.value,
-                wc["value"]
-            );
-        }
-        let chosen = serde_json::to_value(s.chosen).unwrap();
-        assert_eq!(chosen, want["chosen"], "{name}: step {} decision", s.step);
-    }
-    let settings = serde_json::to_value(ours.lora_settings()).unwrap();
-    assert_eq!(settings, f.json["lora_settings"], "{name}: final settings");
-    println!(
-        "{name}: {} steps, same decisions, worst candidate error {worst:.2e}",
-        ours.steps.len()
-    );
+    common::search_fixture::check_against_reference(name, &f.json, &ours, TOLERANCE);
 }
 
 #[test]
@@ -205,7 +46,7 @@ fn text_only_loss_ood_matches_reference() {
 
 #[test]
 fn cached_and_naive_searches_agree() {
-    let f = load("vt_locoop_minor");
+    let f = load("vt_locoop_minor", CpuBackend::new());
     let cached = run(&f, false);
     let naive = run(&f, true);
     for (a, b) in cached.steps.iter().zip(&naive.steps) {

@@ -432,6 +432,11 @@ impl Backend for CpuBackend {
         }
         Ok(out)
     }
+
+    fn l2_normalize(&self, x: &mut Vec<f32>, dim: usize) -> Result<()> {
+        crate::model::clip::l2_normalize_rows(x, dim);
+        Ok(())
+    }
 }
 
 /// Owned f32 data as a weight (for random models and tests).

@@ -6,10 +6,14 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fastmath;
+pub mod row_stats;
 
 use crate::config::Activation;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::lowrank::Svd;
 use crate::weights::F32Data;
+use rayon::prelude::*;
+pub use row_stats::RowStats;
 
 /// Batched multi-head attention: keys and values are `[batch * seq, heads * head_dim]`,
 /// queries `[batch * queries, heads * head_dim]` — the first `queries` positions of each
@@ -46,6 +50,14 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
 
     fn name(&self) -> String;
+    /// Bytes per stored value of tensors and weights (4 for f32).
+    fn value_bytes(&self) -> usize {
+        4
+    }
+    /// The device memory our buffers may hold (`--max-memory`), if capped.
+    fn memory_budget(&self) -> Option<usize> {
+        None
+    }
     fn weight(&self, data: F32Data) -> Result<Self::Weight>;
     fn tensor(&self, data: Vec<f32>) -> Result<Self::Tensor>;
     fn to_vec(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
@@ -125,4 +137,66 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
     /// Rows `rows` of `x[_, dim]`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, dim: usize, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// L2-normalises each row of `x[_, dim]` in place. Default: on the host.
+    fn l2_normalize(&self, x: &mut Self::Tensor, dim: usize) -> Result<()> {
+        let mut v = self.to_vec(x)?;
+        crate::model::clip::l2_normalize_rows(&mut v, dim);
+        *x = self.tensor(v)?;
+        Ok(())
+    }
+
+    /// [`RowStats`] of each row of the logits `scale · x[rows, dim] · text[classes, dim]ᵀ`,
+    /// row r against `labels[r / rows_per_label]`, `sum_exp_t` at `temperature`: what the
+    /// loss and the scores need, without the logits leaving the backend. Default: the logits
+    /// on the host, then [`row_stats::row_stats_host`] (the CPU twin of the device kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn logit_row_stats(
+        &self,
+        x: &Self::Tensor,
+        text: &Self::Tensor,
+        dim: usize,
+        scale: f32,
+        labels: &[usize],
+        rows_per_label: usize,
+        temperature: f64,
+    ) -> Result<Vec<RowStats>> {
+        let (x, text) = (self.to_vec(x)?, self.to_vec(text)?);
+        if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
+            return Err(Error::invalid(format!(
+                "logit statistics: {} and {} values are not rows of {dim}",
+                x.len(),
+                text.len()
+            )));
+        }
+        let (rows, classes) = (x.len() / dim, text.len() / dim);
+        let mut logits = vec![0.0; rows * classes];
+        cpu::linear_into(&x, rows, &text, None, classes, dim, &mut logits);
+        logits.iter_mut().for_each(|v| *v *= scale);
+        row_stats::row_stats_host(&logits, classes, labels, rows_per_label, temperature)
+    }
+
+    /// W' = `w[out, in]` − `su[:rank]ᵀ · vt[:rank]` (a low-rank setting's weight) computed by
+    /// the backend, from the factors of [`Svd::removed_factors`]; `None` when the backend
+    /// leaves it to the caller (the CPU: `Svd::pruned` in f64, as the reference fixtures expect).
+    #[allow(clippy::too_many_arguments)]
+    fn lowrank_weight(
+        &self,
+        _w: &Self::Weight,
+        _vt: &Self::Weight,
+        _su: &Self::Weight,
+        _rank: usize,
+        _out_dim: usize,
+        _in_dim: usize,
+    ) -> Result<Option<Self::Weight>> {
+        Ok(None)
+    }
+
+    /// Thin SVDs of row-major `[out, in]` weights, as [`Svd::new`] computes them. Default: faer
+    /// on the CPU, the matrices in parallel.
+    fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
+        mats.par_iter()
+            .map(|(w, o, i)| Svd::new(w, *o, *i))
+            .collect()
+    }
 }

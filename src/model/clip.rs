@@ -229,6 +229,30 @@ impl<B: Backend> Clip<B> {
         )
     }
 
+    /// The model's own Linear at `target` (no overrides).
+    pub fn base_linear(&self, target: Target) -> Result<&Linear<B::Weight>> {
+        let (tw, _) = self.tower(target.tower);
+        if target.weight == WeightType::P {
+            return Ok(match target.tower {
+                Tower::Visual => &self.vision.projection,
+                Tower::Text => &self.text.projection,
+            });
+        }
+        let block = target
+            .layer
+            .and_then(|l| tw.blocks.get(l))
+            .ok_or_else(|| Error::invalid(format!("{target}: no such layer")))?;
+        Ok(match target.weight {
+            WeightType::Q => &block.q,
+            WeightType::K => &block.k,
+            WeightType::V => &block.v,
+            WeightType::O => &block.o,
+            WeightType::Up => &block.fc1,
+            WeightType::Down => &block.fc2,
+            WeightType::P => unreachable!("handled above"),
+        })
+    }
+
     /// A Linear of `tower` (layer `layer`, or the projection for `W_p`), honouring overrides.
     fn target_linear(
         &self,
@@ -407,6 +431,23 @@ impl<B: Backend> Clip<B> {
         local: bool,
         ov: &Overrides<B>,
     ) -> Result<ImageFeatures> {
+        let (g, l) = self.vision_head_tensors(h, n, local, ov)?;
+        let b = &self.backend;
+        Ok(ImageFeatures {
+            embeds: b.to_vec(&g)?,
+            local: l.map(|l| b.to_vec(&l)).transpose()?,
+        })
+    }
+
+    /// [`Clip::vision_head`] leaving the features on the backend: global `[n, proj]` and, when
+    /// asked, local `[n · patches, proj]`.
+    pub fn vision_head_tensors(
+        &self,
+        h: &B::Tensor,
+        n: usize,
+        local: bool,
+        ov: &Overrides<B>,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let (b, cfg) = (&self.backend, &self.config.vision.tower);
         let layer = cfg.layers - 1;
         let block = &self.vision.encoder.blocks[layer];
@@ -448,8 +489,7 @@ impl<B: Backend> Clip<B> {
         )?;
         self.mlp_residual(&mut cls, n, Tower::Visual, layer, ov)?;
         let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-        let embeds =
-            b.to_vec(&self.target_linear(&cls, n, &self.vision.projection, proj, ov)?)?;
+        let embeds = self.target_linear(&cls, n, &self.vision.projection, proj, ov)?;
         let local = if local {
             let patch_rows: Vec<usize> = (0..n)
                 .flat_map(|i| (1..tokens).map(move |j| i * tokens + j))
@@ -460,11 +500,11 @@ impl<B: Backend> Clip<B> {
             b.add_assign(&mut val, &b.gather_rows(h, cfg.hidden, &patch_rows)?)?;
             self.mlp_residual(&mut val, m, Tower::Visual, layer, ov)?;
             let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-            Some(b.to_vec(&self.target_linear(&val, m, &self.vision.projection, proj, ov)?)?)
+            Some(self.target_linear(&val, m, &self.vision.projection, proj, ov)?)
         } else {
             None
         };
-        Ok(ImageFeatures { embeds, local })
+        Ok((embeds, local))
     }
 
     /// Where HF pools each sequence: the first EOS id, or the argmax of the ids for legacy

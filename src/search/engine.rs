@@ -10,9 +10,7 @@
 //! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
 //! re-runs both towers on everything.
 
-use super::evaluate::{
-    eval_images, eval_normalised, normalised, normalised_features, reduce, ImageEval, Outcome,
-};
+use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
 use super::SearchConfig;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -47,10 +45,10 @@ impl SearchData {
     }
 }
 
-/// Global `[n, dim]` and local `[n, patches, dim]` image features, L2-normalised once.
-pub struct ImageFeatureSet {
-    pub global: Vec<f32>,
-    pub local: Vec<f32>,
+/// Per chunk of images, global `[n, dim]` and local `[n · patches, dim]` image features,
+/// L2-normalised once, on the backend.
+pub struct ImageFeatureSet<T> {
+    pub chunks: Vec<(T, T)>,
 }
 
 /// What the search needs of one target weight, computed once per run.
@@ -75,10 +73,11 @@ pub struct Engine<'a, B: Backend> {
     prepared: HashMap<Target, Arc<Prepared>>,
     decided: BTreeMap<Target, usize>,
     materialised: HashMap<Target, Linear<B::Weight>>,
-    /// Normalised text features for the decided text settings, and the version they are for.
-    text_cache: Option<(u64, Vec<f32>)>,
+    /// Normalised text features for the decided text settings (on the backend), and the
+    /// version they are for.
+    text_cache: Option<(u64, Arc<B::Tensor>)>,
     /// Image features (global, local) for the decided vision settings.
-    image_cache: Option<(u64, Arc<ImageFeatureSet>)>,
+    image_cache: Option<(u64, Arc<ImageFeatureSet<B::Tensor>>)>,
     text_version: u64,
     vision_version: u64,
 }
@@ -121,6 +120,26 @@ impl<'a, B: Backend> Engine<'a, B> {
         if let Some(p) = self.prepared.get(&target) {
             return Ok(p.clone());
         }
+        let (weight, bias, out_dim, in_dim) = self.load_target(target)?;
+        let svd = self
+            .model
+            .backend
+            .thin_svds(&[(&weight, out_dim, in_dim)])?
+            .remove(0);
+        let order = svd.removal_order(self.cfg.prune, &target);
+        let p = Arc::new(Prepared {
+            svd,
+            order,
+            weight,
+            bias,
+        });
+        self.prepared.insert(target, p.clone());
+        Ok(p)
+    }
+
+    /// The f32 weight (and bias) of a target from the weights file, with `[out, in]`.
+    #[allow(clippy::type_complexity)]
+    fn load_target(&self, target: Target) -> Result<(Vec<f32>, Option<Vec<f32>>, usize, usize)> {
         if let Some(l) = target.layer {
             if l >= self.layers(target.tower) {
                 return Err(Error::invalid(format!(
@@ -143,24 +162,67 @@ impl<'a, B: Backend> Engine<'a, B> {
         } else {
             Some(self.file.f32(&bias_name, &[shape[0]])?.to_vec())
         };
-        let svd = Svd::new(&weight, shape[0], shape[1])?;
-        let order = svd.removal_order(self.cfg.prune, &target);
-        let p = Arc::new(Prepared {
-            svd,
-            order,
-            weight,
-            bias,
-        });
-        self.prepared.insert(target, p.clone());
-        Ok(p)
+        Ok((weight, bias, shape[0], shape[1]))
     }
 
-    /// W' for `rank` as a Linear on the backend.
-    fn materialise(&self, p: &Prepared, rank: usize) -> Result<Linear<B::Weight>> {
+    /// Computes the SVDs of `targets` not prepared yet, in one batch (the backend groups
+    /// equal shapes; the CPU runs them in parallel).
+    pub fn prepare_all(&mut self, targets: &[Target]) -> Result<()> {
+        let todo: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| !self.prepared.contains_key(t))
+            .collect();
+        if todo.len() < 2 {
+            for t in todo {
+                self.prepare(t)?;
+            }
+            return Ok(());
+        }
+        let mut loaded = Vec::with_capacity(todo.len());
+        for &t in &todo {
+            loaded.push(self.load_target(t)?);
+        }
+        let mats: Vec<(&[f32], usize, usize)> = loaded
+            .iter()
+            .map(|(w, _, o, i)| (w.as_slice(), *o, *i))
+            .collect();
+        let svds = self.model.backend.thin_svds(&mats)?;
+        for ((t, (weight, bias, _, _)), svd) in todo.into_iter().zip(loaded).zip(svds) {
+            let order = svd.removal_order(self.cfg.prune, &t);
+            self.prepared.insert(
+                t,
+                Arc::new(Prepared {
+                    svd,
+                    order,
+                    weight,
+                    bias,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// W' for `rank` as a Linear on the backend: by the backend from the model's weight and
+    /// the removed factors when it can (a device), else on the host in f64.
+    fn materialise(&self, p: &Prepared, rank: usize, target: Target) -> Result<Linear<B::Weight>> {
         let b = &self.model.backend;
-        let w = p.svd.pruned(&p.weight, &p.order, rank);
+        let base = self.model.base_linear(target)?;
+        let (vt, su) = p.svd.removed_factors(&p.order, rank);
+        let on_backend = b.lowrank_weight(
+            &base.weight,
+            &b.weight(owned(vt))?,
+            &b.weight(owned(su))?,
+            rank,
+            p.svd.out_dim,
+            p.svd.in_dim,
+        )?;
+        let weight = match on_backend {
+            Some(w) => w,
+            None => b.weight(owned(p.svd.pruned(&p.weight, &p.order, rank)))?,
+        };
         Ok(Linear {
-            weight: b.weight(owned(w))?,
+            weight,
             bias: match &p.bias {
                 Some(v) => Some(b.weight(owned(v.clone()))?),
                 None => None,
@@ -175,7 +237,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         self.decided.insert(target, rank);
         if rank > 0 {
             let p = self.prepare(target)?;
-            let lin = self.materialise(&p, rank)?;
+            let lin = self.materialise(&p, rank, target)?;
             self.materialised.insert(target, lin);
             match target.tower {
                 Tower::Visual => self.vision_version += 1,
@@ -214,8 +276,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         &self.data.pixels[r.start * per..r.end * per]
     }
 
-    /// Text features with the decided settings (cached while only the vision tower changes).
-    fn text_features(&mut self) -> Result<Vec<f32>> {
+    fn classes(&self) -> usize {
+        self.data.prompts.count
+    }
+
+    fn patches(&self) -> usize {
+        let g = self.model.config.vision.grid();
+        g * g
+    }
+
+    /// Text features with the decided settings, normalised, on the backend (cached while only
+    /// the vision tower changes).
+    fn text_features(&mut self) -> Result<Arc<B::Tensor>> {
         if let Some((v, t)) = &self.text_cache {
             if *v == self.text_version {
                 return Ok(t.clone());
@@ -225,36 +297,73 @@ impl<'a, B: Backend> Engine<'a, B> {
             .model
             .encode_prompts(&self.data.prompts, &self.base_overrides())?;
         let t = normalised(t, self.model.config.projection_dim)?;
+        let t = Arc::new(self.model.backend.tensor(t)?);
         self.text_cache = Some((self.text_version, t.clone()));
         Ok(t)
     }
 
-    /// Image features with the decided settings (cached while only the text tower changes;
-    /// shared, not copied: the local features of 1,000 images are 400 MB).
-    fn image_features(&mut self, bar: &ProgressBar) -> Result<Arc<ImageFeatureSet>> {
+    /// Normalised global and local features of a chunk from its hidden states before the
+    /// last vision block, on the backend.
+    fn head_features(
+        &self,
+        h: &B::Tensor,
+        n: usize,
+        ov: &Overrides<B>,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let b = &self.model.backend;
+        let dim = self.model.config.projection_dim;
+        let (mut g, l) = self.model.vision_head_tensors(h, n, true, ov)?;
+        let mut l = l.expect("local features");
+        b.l2_normalize(&mut g, dim)?;
+        b.l2_normalize(&mut l, dim)?;
+        Ok((g, l))
+    }
+
+    /// Image features with the decided settings, per chunk, on the backend (cached while only
+    /// the text tower changes; shared, not copied: the local features of 1,000 images are
+    /// 400 MB in f32).
+    fn image_features(&mut self, bar: &ProgressBar) -> Result<Arc<ImageFeatureSet<B::Tensor>>> {
         if let Some((v, f)) = &self.image_cache {
             if *v == self.vision_version {
                 return Ok(f.clone());
             }
         }
-        let (mut g, mut l) = (Vec::new(), Vec::new());
         let ov = self.base_overrides();
+        let layers = self.layers(Tower::Visual);
+        let mut chunks = Vec::new();
         for r in self.chunks() {
             bar.set_message(format!("image features {}/{}", r.end, self.data.len()));
-            let f = self
-                .model
-                .encode_images_with(self.pixels(&r), r.len(), true, &ov)?;
-            g.extend(f.embeds);
-            l.extend(f.local.expect("local features"));
+            let n = r.len();
+            let mut h = self.model.vision_embed(self.pixels(&r), n)?;
+            self.model.vision_layers(&mut h, n, 0..layers - 1, &ov)?;
+            chunks.push(self.head_features(&h, n, &ov)?);
         }
         drop(ov);
-        let dim = self.model.config.projection_dim;
-        let f = Arc::new(ImageFeatureSet {
-            global: normalised_features(&g, dim)?,
-            local: normalised_features(&l, dim)?,
-        });
+        let f = Arc::new(ImageFeatureSet { chunks });
         self.image_cache = Some((self.vision_version, f.clone()));
         Ok(f)
+    }
+
+    /// Evaluates one chunk's normalised features against the normalised text features.
+    fn eval_chunk(
+        &self,
+        g: &B::Tensor,
+        l: &B::Tensor,
+        text: &B::Tensor,
+        r: &std::ops::Range<usize>,
+    ) -> Result<Vec<ImageEval>> {
+        eval_on_backend(
+            &self.model.backend,
+            g,
+            l,
+            text,
+            self.model.config.projection_dim,
+            self.classes(),
+            self.patches(),
+            &self.data.labels[r.clone()],
+            self.scale(),
+            self.cfg,
+        )
     }
 
     /// The decided settings plus the candidate `rank` at `target`, as a shared-product delta.
@@ -281,29 +390,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         ov
     }
 
-    /// Evaluates fixed image features `g [n, dim]`, `l [n, patches, dim]` against `text`, by chunk.
+    /// Evaluates the cached image features against `text`, by chunk.
     fn eval_features(
         &self,
-        g: &[f32],
-        l: &[f32],
-        text: &[f32],
+        features: &ImageFeatureSet<B::Tensor>,
+        text: &B::Tensor,
         bar: &ProgressBar,
     ) -> Result<Vec<ImageEval>> {
-        let (d, dim) = (self.data, self.model.config.projection_dim);
-        let patches = l.len() / (d.len() * dim).max(1);
-        let mut evals = Vec::with_capacity(d.len());
-        for r in self.chunks() {
-            let gr = &g[r.start * dim..r.end * dim];
-            let lr = &l[r.start * patches * dim..r.end * patches * dim];
-            evals.extend(eval_normalised(
-                gr,
-                lr,
-                text,
-                dim,
-                &d.labels[r.clone()],
-                self.scale(),
-                self.cfg,
-            )?);
+        let mut evals = Vec::with_capacity(self.data.len());
+        for ((g, l), r) in features.chunks.iter().zip(self.chunks()) {
+            evals.extend(self.eval_chunk(g, l, text, &r)?);
             bar.inc(1);
         }
         Ok(evals)
@@ -349,25 +445,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                         let mut hc = b.duplicate(&h)?;
                         self.model
                             .vision_layers(&mut hc, n, start..layers - 1, &ov)?;
-                        let f = self.model.vision_head(&hc, n, true, &ov)?;
-                        let local = f.local.expect("local features");
-                        let labels = &self.data.labels[r.clone()];
-                        evals[ci].extend(eval_images(
-                            &f.embeds,
-                            &local,
-                            &text,
-                            dim,
-                            labels,
-                            self.scale(),
-                            self.cfg,
-                        )?);
+                        let (g, l) = self.head_features(&hc, n, &ov)?;
+                        evals[ci].extend(self.eval_chunk(&g, &l, &text, &r)?);
                         bar.inc(1);
                     }
                 }
             }
             Tower::Text => {
                 let features = self.image_features(bar)?;
-                let (g, l) = (&features.global, &features.local);
                 let layers = self.layers(Tower::Text);
                 let start = target.layer.unwrap_or(layers);
                 let d = self.data;
@@ -392,7 +477,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                         feats.push(self.model.text_head(&hc, &bk.ids, bk.seq, &ov)?);
                     }
                     let text = normalised(d.prompts.scatter(&feats, dim), dim)?;
-                    evals[ci] = self.eval_features(g, l, &text, bar)?;
+                    let text = b.tensor(text)?;
+                    evals[ci] = self.eval_features(&features, &text, bar)?;
                 }
             }
         }
@@ -411,7 +497,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let dim = self.model.config.projection_dim;
         let mut out = Vec::with_capacity(ranks.len());
         for &rank in ranks {
-            let candidate = self.materialise(&p, rank)?;
+            let candidate = self.materialise(&p, rank, target)?;
             let mut ov = self.base_overrides();
             ov.insert(target, LinearOverride::Weight(&candidate));
             let text = normalised(self.model.encode_prompts(&d.prompts, &ov)?, dim)?;

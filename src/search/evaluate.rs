@@ -3,6 +3,7 @@
 
 use super::{Objective, SearchConfig};
 use crate::backend::cpu::linear_into;
+use crate::backend::{Backend, RowStats};
 use crate::error::{Error, Result};
 use crate::loss::{self, ImageStats, LossParts};
 use crate::metrics::{self, OodMetrics};
@@ -134,6 +135,101 @@ pub fn eval_normalised(
             Ok(e)
         })
         .collect()
+}
+
+/// Whether [`eval_on_backend`] can work from [`RowStats`] alone: the loss objectives, and the
+/// metric ones with an MCM-family scorer (whose scores are inverse `sum_exp_t`s).
+fn row_stats_suffice(cfg: &SearchConfig) -> bool {
+    match cfg.objective {
+        Objective::Auroc | Objective::Aupr | Objective::Fpr => {
+            matches!(cfg.scorer, Scorer::Mcm | Scorer::LMcm | Scorer::GlMcm)
+        }
+        _ => true,
+    }
+}
+
+/// As [`eval_normalised`], with the normalised features and text on the backend: the logits
+/// stay there, and only per-row [`RowStats`] come back (first the global rows, whose argmax
+/// picks the OOD-patch label when `use_pred_label`, then the local rows).
+#[allow(clippy::too_many_arguments)]
+pub fn eval_on_backend<B: Backend>(
+    b: &B,
+    global: &B::Tensor,
+    local: &B::Tensor,
+    text: &B::Tensor,
+    dim: usize,
+    classes: usize,
+    patches: usize,
+    labels: &[usize],
+    scale: f32,
+    cfg: &SearchConfig,
+) -> Result<Vec<ImageEval>> {
+    if !row_stats_suffice(cfg) {
+        let (g, l, t) = (b.to_vec(global)?, b.to_vec(local)?, b.to_vec(text)?);
+        return eval_normalised(&g, &l, &t, dim, labels, scale, cfg);
+    }
+    cfg.locoop.validate(classes)?;
+    let t = cfg.temperature;
+    let g = b.logit_row_stats(global, text, dim, scale, labels, 1, t)?;
+    let ood_labels: Vec<usize> = if cfg.locoop.use_pred_label {
+        g.iter().map(|s| s.argmax).collect()
+    } else {
+        labels.to_vec()
+    };
+    let l = b.logit_row_stats(local, text, dim, scale, &ood_labels, patches, t)?;
+    if let Some(i) = g.iter().chain(&l).position(|s| !s.is_finite()) {
+        return Err(Error::invalid(format!(
+            "image features hold a non-finite value (logit row {i}): the model produced NaN/inf"
+        )));
+    }
+    let metric = !matches!(
+        cfg.objective,
+        Objective::LocoopLoss | Objective::LossId | Objective::LossOod
+    );
+    Ok(labels
+        .iter()
+        .enumerate()
+        .map(|(i, &label)| {
+            let gi = &g[i];
+            let li = &l[i * patches..(i + 1) * patches];
+            let ood = |s: &&RowStats| s.label_rank >= cfg.locoop.top_k;
+            let mut e = ImageEval {
+                stats: ImageStats {
+                    ce: gi.cross_entropy,
+                    entropy_sum: li.iter().filter(ood).map(|s| s.entropy).sum(),
+                    ood_patches: li.iter().filter(ood).count(),
+                    patches,
+                    correct: gi.argmax == label,
+                },
+                ..Default::default()
+            };
+            if metric {
+                // The scores of score.rs from Σ exp((x − max)/T): MCM = −1/Σ, L-MCM = −max over
+                // patches of 1/Σ, GL-MCM = MCM + L-MCM; OOD patches likewise among themselves.
+                let l_mcm = -li
+                    .iter()
+                    .map(RowStats::max_prob)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let mcm = -gi.max_prob();
+                e.id_score = match cfg.scorer {
+                    Scorer::LMcm => l_mcm,
+                    Scorer::GlMcm => mcm + l_mcm,
+                    _ => mcm,
+                };
+                let ood_probs: Vec<f64> = li.iter().filter(ood).map(RowStats::max_prob).collect();
+                let ood_l_mcm = -ood_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                e.ood_scores = ood_probs
+                    .iter()
+                    .map(|p| match cfg.scorer {
+                        Scorer::LMcm => ood_l_mcm,
+                        Scorer::GlMcm => -p + ood_l_mcm,
+                        _ => -p,
+                    })
+                    .collect();
+            }
+            e
+        })
+        .collect())
 }
 
 /// Reduces per-image evaluations (in dataset order) to the objective.

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod evaluate;
+pub mod memory;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -251,6 +252,8 @@ pub fn run<B: Backend>(
         config: cfg.clone(),
         steps: vec![],
     });
+    // Every target's SVD up front, in one batch (the backend groups equal shapes).
+    engine.prepare_all(&plan)?;
     // Replay the decisions of a resumed search.
     for s in &state.steps {
         engine.decide(s.chosen.target, s.chosen_rank)?;

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod search_fixture;
+
 use setar_engine::weights::WeightsFile;
 use std::path::PathBuf;
 

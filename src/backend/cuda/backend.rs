@@ -6,11 +6,16 @@ use super::gemm::{Batched, Gemm, GemmPath};
 use super::kernels::{Arg, Kernels, Launch};
 use super::DType;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::row_stats::{self, RowStats};
 use crate::backend::{AttentionMask, AttentionShape, Backend};
 use crate::config::Activation;
 use crate::error::{Error, Result};
+use crate::lowrank::Svd;
 use crate::weights::F32Data;
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+use std::time::Instant;
 
 #[cfg(target_endian = "big")]
 compile_error!("kernel arguments are packed for little-endian hosts");
@@ -27,6 +32,12 @@ pub struct CudaOptions {
     /// Wait for the device after every op, so a faulting kernel is reported by the op that
     /// launched it (debugging; also set by `SETAR_CUDA_SYNC=1`).
     pub sync_each_op: bool,
+    /// Bytes our tensors and weights may hold on the device (`--max-memory`); past it an
+    /// allocation is an out-of-memory error.
+    pub max_memory: Option<usize>,
+    /// Time each op (synchronising around it) and keep the totals (also set by
+    /// `SETAR_CUDA_PROFILE=1`; see [`CudaBackend::profile`]).
+    pub profile: bool,
 }
 
 impl CudaOptions {
@@ -36,6 +47,8 @@ impl CudaOptions {
             gemm: GemmPath::Auto,
             poison: false,
             sync_each_op: std::env::var("SETAR_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            max_memory: None,
+            profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -79,6 +92,9 @@ fn act_code(act: Activation) -> i32 {
     }
 }
 
+/// f32 logits held at once by `logit_row_stats` (256 MiB).
+const LOGIT_CHUNK: usize = 64 << 20;
+
 /// Elements per launch of the flat in-place kernels (keeps `int` column counts in range).
 const CHUNK: usize = 1 << 30;
 
@@ -106,6 +122,8 @@ pub struct CudaBackend {
     kernels: Kernels,
     dev: Device,
     opts: CudaOptions,
+    /// Per op: seconds and calls, when profiling.
+    profile: Option<Mutex<BTreeMap<&'static str, (f64, usize)>>>,
 }
 
 impl CudaBackend {
@@ -119,7 +137,7 @@ impl CudaBackend {
     /// library, a kernel that does not compile, or a library that panics: an `Error`.
     pub fn with_options(ordinal: usize, opts: CudaOptions) -> Result<CudaBackend> {
         let built = catch_unwind(AssertUnwindSafe(|| -> Result<CudaBackend> {
-            let dev = Device::open(ordinal, opts.poison)?;
+            let dev = Device::open(ordinal, opts.poison)?.with_memory_limit(opts.max_memory);
             let kernels = Kernels::load(&dev)?;
             let gemm = Gemm::new(&dev, opts.gemm)?;
             let backend = CudaBackend {
@@ -127,6 +145,7 @@ impl CudaBackend {
                 kernels,
                 dev,
                 opts,
+                profile: opts.profile.then(Default::default),
             };
             backend.self_check()?;
             Ok(backend)
@@ -149,6 +168,49 @@ impl CudaBackend {
 
     pub fn options(&self) -> CudaOptions {
         self.opts
+    }
+
+    /// Runs one op, timed (device synchronised before and after) when profiling.
+    fn profiled<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(p) = &self.profile else {
+            return f();
+        };
+        self.dev.synchronize()?;
+        let t = Instant::now();
+        let r = f()?;
+        self.dev.synchronize()?;
+        let mut m = p.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(op).or_insert((0.0, 0));
+        e.0 += t.elapsed().as_secs_f64();
+        e.1 += 1;
+        Ok(r)
+    }
+
+    /// Seconds and calls per op since the last [`CudaBackend::reset_profile`], most time
+    /// first (empty unless built with `profile`).
+    pub fn profile(&self) -> Vec<(&'static str, f64, usize)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let m = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, (s, n))| (*k, *s, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    pub fn reset_profile(&self) {
+        if let Some(p) = &self.profile {
+            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    /// Peak bytes held by our buffers since the last [`CudaBackend::reset_peak_memory`].
+    pub fn peak_memory(&self) -> usize {
+        self.dev.memory_in_use().1
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.dev.reset_peak()
     }
 
     pub fn device(&self) -> &Device {
@@ -515,6 +577,14 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaTensor;
 
+    fn value_bytes(&self) -> usize {
+        self.opts.dtype.size()
+    }
+
+    fn memory_budget(&self) -> Option<usize> {
+        self.opts.max_memory
+    }
+
     fn name(&self) -> String {
         let (major, minor) = self.dev.arch();
         format!(
@@ -540,9 +610,11 @@ impl Backend for CudaBackend {
     }
 
     fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
-        let out = self.empty(t.len())?;
-        self.dev.copy(&t.buf, &out.buf)?;
-        Ok(out)
+        self.profiled("copy", || {
+            let out = self.empty(t.len())?;
+            self.dev.copy(&t.buf, &out.buf)?;
+            Ok(out)
+        })
     }
 
     fn linear(
@@ -554,37 +626,39 @@ impl Backend for CudaBackend {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<CudaTensor> {
-        check_len("linear input", x.len(), rows * in_dim)?;
-        check_len("linear weight", w.len(), out_dim * in_dim)?;
-        if let Some(b) = bias {
-            check_len("linear bias", b.len(), out_dim)?;
-        }
-        let out = self.empty(rows * out_dim)?;
-        if rows == 0 || out_dim == 0 {
-            return Ok(out);
-        }
-        let fused = if in_dim == 0 {
-            self.dev.fill_bytes(&out.buf, 0)?;
-            false
-        } else {
-            let fused = self.gemm.linear(
-                &self.dev,
-                x.ptr(),
-                rows,
-                w.ptr(),
-                bias.map(|b| b.ptr()),
-                out.ptr(),
-                out_dim,
-                in_dim,
-                self.opts.dtype,
-            )?;
-            self.after("GEMM")?;
-            fused
-        };
-        if let (false, Some(b)) = (fused, bias) {
-            self.bias_act(out.ptr(), Some(b.ptr()), rows, out_dim, ACT_NONE)?;
-        }
-        Ok(out)
+        self.profiled("linear", || {
+            check_len("linear input", x.len(), rows * in_dim)?;
+            check_len("linear weight", w.len(), out_dim * in_dim)?;
+            if let Some(b) = bias {
+                check_len("linear bias", b.len(), out_dim)?;
+            }
+            let out = self.empty(rows * out_dim)?;
+            if rows == 0 || out_dim == 0 {
+                return Ok(out);
+            }
+            let fused = if in_dim == 0 {
+                self.dev.fill_bytes(&out.buf, 0)?;
+                false
+            } else {
+                let fused = self.gemm.linear(
+                    &self.dev,
+                    x.ptr(),
+                    rows,
+                    w.ptr(),
+                    bias.map(|b| b.ptr()),
+                    out.ptr(),
+                    out_dim,
+                    in_dim,
+                    self.opts.dtype,
+                )?;
+                self.after("GEMM")?;
+                fused
+            };
+            if let (false, Some(b)) = (fused, bias) {
+                self.bias_act(out.ptr(), Some(b.ptr()), rows, out_dim, ACT_NONE)?;
+            }
+            Ok(out)
+        })
     }
 
     fn layer_norm(
@@ -595,58 +669,64 @@ impl Backend for CudaBackend {
         beta: &CudaTensor,
         eps: f32,
     ) -> Result<CudaTensor> {
-        if dim == 0 || x.len() % dim != 0 {
-            return Err(Error::invalid(format!(
-                "layer norm: {} values are not rows of {dim}",
-                x.len()
-            )));
-        }
-        check_len("layer norm weight", gamma.len(), dim)?;
-        check_len("layer norm bias", beta.len(), dim)?;
-        let rows = x.len() / dim;
-        let out = self.empty(x.len())?;
-        if rows > 0 {
-            self.launch(
-                "layer_norm",
-                Launch::rows(rows as u64)?,
-                &[
-                    Arg::Ptr(x.ptr()),
-                    Arg::Ptr(gamma.ptr()),
-                    Arg::Ptr(beta.ptr()),
-                    Arg::Ptr(out.ptr()),
-                    Arg::I32(i32_of("rows", rows)?),
-                    Arg::I32(i32_of("dim", dim)?),
-                    Arg::F32(eps),
-                ],
-            )?;
-        }
-        Ok(out)
+        self.profiled("layer_norm", || {
+            if dim == 0 || x.len() % dim != 0 {
+                return Err(Error::invalid(format!(
+                    "layer norm: {} values are not rows of {dim}",
+                    x.len()
+                )));
+            }
+            check_len("layer norm weight", gamma.len(), dim)?;
+            check_len("layer norm bias", beta.len(), dim)?;
+            let rows = x.len() / dim;
+            let out = self.empty(x.len())?;
+            if rows > 0 {
+                self.launch(
+                    "layer_norm",
+                    Launch::rows(rows as u64)?,
+                    &[
+                        Arg::Ptr(x.ptr()),
+                        Arg::Ptr(gamma.ptr()),
+                        Arg::Ptr(beta.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32(i32_of("rows", rows)?),
+                        Arg::I32(i32_of("dim", dim)?),
+                        Arg::F32(eps),
+                    ],
+                )?;
+            }
+            Ok(out)
+        })
     }
 
     fn activate(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
-        let mut start = 0;
-        while start < x.len() {
-            let n = CHUNK.min(x.len() - start);
-            self.bias_act(x.buf.ptr_at(start), None, 1, n, act_code(act))?;
-            start += n;
-        }
-        Ok(())
+        self.profiled("activation", || {
+            let mut start = 0;
+            while start < x.len() {
+                let n = CHUNK.min(x.len() - start);
+                self.bias_act(x.buf.ptr_at(start), None, 1, n, act_code(act))?;
+                start += n;
+            }
+            Ok(())
+        })
     }
 
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
-        check_len("residual", y.len(), x.len())?;
-        if x.is_empty() {
-            return Ok(());
-        }
-        self.launch(
-            "add_assign",
-            Launch::elementwise(x.len() as u64),
-            &[
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(y.ptr()),
-                Arg::I64(i64_of(x.len())),
-            ],
-        )
+        self.profiled("residual add", || {
+            check_len("residual", y.len(), x.len())?;
+            if x.is_empty() {
+                return Ok(());
+            }
+            self.launch(
+                "add_assign",
+                Launch::elementwise(x.len() as u64),
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(y.ptr()),
+                    Arg::I64(i64_of(x.len())),
+                ],
+            )
+        })
     }
 
     /// Per head h, strided-batched over the sequences: `S = scale · Q_h·K_hᵀ` into f32 scores
@@ -661,97 +741,99 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
         mask: &AttentionMask,
     ) -> Result<CudaTensor> {
-        let (batch, seq, nq, heads, hd) = (
-            shape.batch,
-            shape.seq,
-            shape.queries,
-            shape.heads,
-            shape.head_dim,
-        );
-        let w = shape.width();
-        check_len("q", q.len(), batch * nq * w)?;
-        check_len("k", k.len(), batch * seq * w)?;
-        check_len("v", v.len(), batch * seq * w)?;
-        if nq > seq {
-            return Err(Error::invalid(format!("{nq} queries for {seq} keys")));
-        }
-        if let Some(l) = &mask.lengths {
-            check_len("attention lengths", l.len(), batch)?;
-        }
-        let out = self.empty(q.len())?;
-        if q.is_empty() {
-            return Ok(out);
-        }
-        let d = self.opts.dtype;
-        let ld = seq.next_multiple_of(8);
-        let rows = batch * heads * nq;
-        let scores = self.dev.alloc(rows * ld, DType::F32)?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        for h in 0..heads {
-            self.gemm.batched(
-                &self.dev,
-                &Batched {
-                    transa: true,
-                    transb: false,
-                    m: seq,
-                    n: nq,
-                    k: hd,
-                    alpha: scale,
-                    a: k.buf.ptr_at(h * hd),
-                    a_type: d,
-                    lda: w,
-                    stride_a: seq * w,
-                    b: q.buf.ptr_at(h * hd),
-                    b_type: d,
-                    ldb: w,
-                    stride_b: nq * w,
-                    beta: 0.0,
-                    c: scores.ptr_at(h * nq * ld),
-                    c_type: DType::F32,
-                    ldc: ld,
-                    stride_c: heads * nq * ld,
-                    batch,
-                },
-            )?;
-        }
-        self.after("attention scores")?;
-        let probs_buf;
-        let probs = if d == DType::F32 {
-            &scores
-        } else {
-            probs_buf = self.dev.alloc(rows * ld, d)?;
-            &probs_buf
-        };
-        self.softmax(&scores, probs, batch, heads, nq, seq, ld, mask)?;
-        for h in 0..heads {
-            self.gemm.batched(
-                &self.dev,
-                &Batched {
-                    transa: false,
-                    transb: false,
-                    m: hd,
-                    n: nq,
-                    k: seq,
-                    alpha: 1.0,
-                    a: v.buf.ptr_at(h * hd),
-                    a_type: d,
-                    lda: w,
-                    stride_a: seq * w,
-                    b: probs.ptr_at(h * nq * ld),
-                    b_type: d,
-                    ldb: ld,
-                    stride_b: heads * nq * ld,
-                    beta: 0.0,
-                    c: out.buf.ptr_at(h * hd),
-                    c_type: d,
-                    ldc: w,
-                    stride_c: nq * w,
-                    batch,
-                },
-            )?;
-        }
-        self.after("attention output")?;
-        Ok(out)
+        self.profiled("attention", || {
+            let (batch, seq, nq, heads, hd) = (
+                shape.batch,
+                shape.seq,
+                shape.queries,
+                shape.heads,
+                shape.head_dim,
+            );
+            let w = shape.width();
+            check_len("q", q.len(), batch * nq * w)?;
+            check_len("k", k.len(), batch * seq * w)?;
+            check_len("v", v.len(), batch * seq * w)?;
+            if nq > seq {
+                return Err(Error::invalid(format!("{nq} queries for {seq} keys")));
+            }
+            if let Some(l) = &mask.lengths {
+                check_len("attention lengths", l.len(), batch)?;
+            }
+            let out = self.empty(q.len())?;
+            if q.is_empty() {
+                return Ok(out);
+            }
+            let d = self.opts.dtype;
+            let ld = seq.next_multiple_of(8);
+            let rows = batch * heads * nq;
+            let scores = self.dev.alloc(rows * ld, DType::F32)?;
+            let scale = 1.0 / (hd as f32).sqrt();
+            for h in 0..heads {
+                self.gemm.batched(
+                    &self.dev,
+                    &Batched {
+                        transa: true,
+                        transb: false,
+                        m: seq,
+                        n: nq,
+                        k: hd,
+                        alpha: scale,
+                        a: k.buf.ptr_at(h * hd),
+                        a_type: d,
+                        lda: w,
+                        stride_a: seq * w,
+                        b: q.buf.ptr_at(h * hd),
+                        b_type: d,
+                        ldb: w,
+                        stride_b: nq * w,
+                        beta: 0.0,
+                        c: scores.ptr_at(h * nq * ld),
+                        c_type: DType::F32,
+                        ldc: ld,
+                        stride_c: heads * nq * ld,
+                        batch,
+                    },
+                )?;
+            }
+            self.after("attention scores")?;
+            let probs_buf;
+            let probs = if d == DType::F32 {
+                &scores
+            } else {
+                probs_buf = self.dev.alloc(rows * ld, d)?;
+                &probs_buf
+            };
+            self.softmax(&scores, probs, batch, heads, nq, seq, ld, mask)?;
+            for h in 0..heads {
+                self.gemm.batched(
+                    &self.dev,
+                    &Batched {
+                        transa: false,
+                        transb: false,
+                        m: hd,
+                        n: nq,
+                        k: seq,
+                        alpha: 1.0,
+                        a: v.buf.ptr_at(h * hd),
+                        a_type: d,
+                        lda: w,
+                        stride_a: seq * w,
+                        b: probs.ptr_at(h * nq * ld),
+                        b_type: d,
+                        ldb: ld,
+                        stride_b: heads * nq * ld,
+                        beta: 0.0,
+                        c: out.buf.ptr_at(h * hd),
+                        c_type: d,
+                        ldc: w,
+                        stride_c: nq * w,
+                        batch,
+                    },
+                )?;
+            }
+            self.after("attention output")?;
+            Ok(out)
+        })
     }
 
     fn patchify(
@@ -762,27 +844,29 @@ impl Backend for CudaBackend {
         size: usize,
         patch: usize,
     ) -> Result<CudaTensor> {
-        check_len("pixels", pixels.len(), batch * channels * size * size)?;
-        if patch == 0 {
-            return Err(Error::invalid("patch size 0"));
-        }
-        let grid = size / patch;
-        let out = self.empty(batch * grid * grid * channels * patch * patch)?;
-        if !out.is_empty() {
-            self.launch(
-                "patchify",
-                Launch::elementwise(out.len() as u64),
-                &[
-                    Arg::Ptr(pixels.ptr()),
-                    Arg::Ptr(out.ptr()),
-                    Arg::I32(i32_of("batch", batch)?),
-                    Arg::I32(i32_of("channels", channels)?),
-                    Arg::I32(i32_of("size", size)?),
-                    Arg::I32(i32_of("patch", patch)?),
-                ],
-            )?;
-        }
-        Ok(out)
+        self.profiled("patch embedding", || {
+            check_len("pixels", pixels.len(), batch * channels * size * size)?;
+            if patch == 0 {
+                return Err(Error::invalid("patch size 0"));
+            }
+            let grid = size / patch;
+            let out = self.empty(batch * grid * grid * channels * patch * patch)?;
+            if !out.is_empty() {
+                self.launch(
+                    "patchify",
+                    Launch::elementwise(out.len() as u64),
+                    &[
+                        Arg::Ptr(pixels.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32(i32_of("batch", batch)?),
+                        Arg::I32(i32_of("channels", channels)?),
+                        Arg::I32(i32_of("size", size)?),
+                        Arg::I32(i32_of("patch", patch)?),
+                    ],
+                )?;
+            }
+            Ok(out)
+        })
     }
 
     fn vision_tokens(
@@ -793,36 +877,38 @@ impl Backend for CudaBackend {
         positions: &CudaTensor,
         dim: usize,
     ) -> Result<CudaTensor> {
-        if dim == 0 || positions.len() % dim != 0 || positions.len() < dim {
-            return Err(Error::invalid(format!(
-                "position embeddings: {} values are not tokens of {dim}",
-                positions.len()
-            )));
-        }
-        let tokens = positions.len() / dim;
-        check_len("class embedding", class_embedding.len(), dim)?;
-        check_len(
-            "patch embeddings",
-            patches.len(),
-            batch * (tokens - 1) * dim,
-        )?;
-        let out = self.empty(batch * tokens * dim)?;
-        if !out.is_empty() {
-            self.launch(
-                "vision_tokens",
-                Launch::elementwise(out.len() as u64),
-                &[
-                    Arg::Ptr(patches.ptr()),
-                    Arg::Ptr(class_embedding.ptr()),
-                    Arg::Ptr(positions.ptr()),
-                    Arg::Ptr(out.ptr()),
-                    Arg::I32(i32_of("batch", batch)?),
-                    Arg::I32(i32_of("tokens", tokens)?),
-                    Arg::I32(i32_of("dim", dim)?),
-                ],
+        self.profiled("patch embedding", || {
+            if dim == 0 || positions.len() % dim != 0 || positions.len() < dim {
+                return Err(Error::invalid(format!(
+                    "position embeddings: {} values are not tokens of {dim}",
+                    positions.len()
+                )));
+            }
+            let tokens = positions.len() / dim;
+            check_len("class embedding", class_embedding.len(), dim)?;
+            check_len(
+                "patch embeddings",
+                patches.len(),
+                batch * (tokens - 1) * dim,
             )?;
-        }
-        Ok(out)
+            let out = self.empty(batch * tokens * dim)?;
+            if !out.is_empty() {
+                self.launch(
+                    "vision_tokens",
+                    Launch::elementwise(out.len() as u64),
+                    &[
+                        Arg::Ptr(patches.ptr()),
+                        Arg::Ptr(class_embedding.ptr()),
+                        Arg::Ptr(positions.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32(i32_of("batch", batch)?),
+                        Arg::I32(i32_of("tokens", tokens)?),
+                        Arg::I32(i32_of("dim", dim)?),
+                    ],
+                )?;
+            }
+            Ok(out)
+        })
     }
 
     fn text_tokens(
@@ -833,43 +919,45 @@ impl Backend for CudaBackend {
         positions: &CudaTensor,
         dim: usize,
     ) -> Result<CudaTensor> {
-        if dim == 0 {
-            return Err(Error::invalid("text tokens: dim 0"));
-        }
-        let vocab = table.len() / dim;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        if seq * dim > positions.len() {
-            return Err(Error::invalid(format!(
-                "{seq} tokens exceed the model's {} positions",
-                positions.len() / dim
-            )));
-        }
-        let out = self.empty(ids.len() * dim)?;
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        if seq == 0 {
-            return Err(Error::invalid("text tokens: sequence length 0"));
-        }
-        let dev_ids = self.dev.upload_indices(ids)?;
-        self.launch(
-            "text_tokens",
-            Launch::elementwise(out.len() as u64),
-            &[
-                Arg::Ptr(dev_ids.ptr()),
-                Arg::Ptr(table.ptr()),
-                Arg::Ptr(positions.ptr()),
-                Arg::Ptr(out.ptr()),
-                Arg::I64(i64_of(ids.len())),
-                Arg::I32(i32_of("seq", seq)?),
-                Arg::I32(i32_of("dim", dim)?),
-            ],
-        )?;
-        Ok(out)
+        self.profiled("token embedding", || {
+            if dim == 0 {
+                return Err(Error::invalid("text tokens: dim 0"));
+            }
+            let vocab = table.len() / dim;
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            if seq * dim > positions.len() {
+                return Err(Error::invalid(format!(
+                    "{seq} tokens exceed the model's {} positions",
+                    positions.len() / dim
+                )));
+            }
+            let out = self.empty(ids.len() * dim)?;
+            if ids.is_empty() {
+                return Ok(out);
+            }
+            if seq == 0 {
+                return Err(Error::invalid("text tokens: sequence length 0"));
+            }
+            let dev_ids = self.dev.upload_indices(ids)?;
+            self.launch(
+                "text_tokens",
+                Launch::elementwise(out.len() as u64),
+                &[
+                    Arg::Ptr(dev_ids.ptr()),
+                    Arg::Ptr(table.ptr()),
+                    Arg::Ptr(positions.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(i64_of(ids.len())),
+                    Arg::I32(i32_of("seq", seq)?),
+                    Arg::I32(i32_of("dim", dim)?),
+                ],
+            )?;
+            Ok(out)
+        })
     }
 
     /// `y0 − xv[:, :rank] · su[:rank, :]`: one cuBLAS GEMM (alpha −1, beta 1) on a copy of
@@ -885,74 +973,242 @@ impl Backend for CudaBackend {
         su: &CudaTensor,
         out_dim: usize,
     ) -> Result<CudaTensor> {
-        check_len("y0", y0.len(), rows * out_dim)?;
-        check_len("x·V", xv.len(), rows * kmax)?;
-        check_len("σu", su.len(), kmax * out_dim)?;
-        if rank > kmax {
+        self.profiled("low-rank correction", || {
+            check_len("y0", y0.len(), rows * out_dim)?;
+            check_len("x·V", xv.len(), rows * kmax)?;
+            check_len("σu", su.len(), kmax * out_dim)?;
+            if rank > kmax {
+                return Err(Error::invalid(format!(
+                    "rank {rank} exceeds the {kmax} prepared components"
+                )));
+            }
+            let out = self.empty(y0.len())?;
+            self.dev.copy(&y0.buf, &out.buf)?;
+            if rank == 0 || rows == 0 || out_dim == 0 {
+                return Ok(out);
+            }
+            let d = self.opts.dtype;
+            self.gemm.batched(
+                &self.dev,
+                &Batched {
+                    transa: false,
+                    transb: false,
+                    m: out_dim,
+                    n: rows,
+                    k: rank,
+                    alpha: -1.0,
+                    a: su.ptr(),
+                    a_type: d,
+                    lda: out_dim,
+                    stride_a: 0,
+                    b: xv.ptr(),
+                    b_type: d,
+                    ldb: kmax,
+                    stride_b: 0,
+                    beta: 1.0,
+                    c: out.ptr(),
+                    c_type: d,
+                    ldc: out_dim,
+                    stride_c: 0,
+                    batch: 1,
+                },
+            )?;
+            self.after("low-rank correction")?;
+            Ok(out)
+        })
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, dim: usize, rows: &[usize]) -> Result<CudaTensor> {
+        self.profiled("gather rows", || {
+            if dim == 0 {
+                return Err(Error::invalid("gather rows: dim 0"));
+            }
+            let n = x.len() / dim;
+            if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+                return Err(Error::invalid(format!("row {r} out of {n}")));
+            }
+            let out = self.empty(rows.len() * dim)?;
+            if rows.is_empty() {
+                return Ok(out);
+            }
+            let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+            let dev_rows = self.dev.upload_indices(&idx)?;
+            self.launch(
+                "gather_rows",
+                Launch::elementwise(out.len() as u64),
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(dev_rows.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(i64_of(rows.len())),
+                    Arg::I32(i32_of("dim", dim)?),
+                ],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn l2_normalize(&self, x: &mut CudaTensor, dim: usize) -> Result<()> {
+        self.profiled("l2 normalise", || self.l2_normalize_rows(x, dim))
+    }
+
+    /// The logits of a bounded number of rows at a time (whole label groups) by one GEMM
+    /// into f32 (alpha = scale), then `row_stats_f32` (kernels/rowstats.cu) per row; only the
+    /// five numbers per row come back.
+    fn logit_row_stats(
+        &self,
+        x: &CudaTensor,
+        text: &CudaTensor,
+        dim: usize,
+        scale: f32,
+        labels: &[usize],
+        rows_per_label: usize,
+        temperature: f64,
+    ) -> Result<Vec<RowStats>> {
+        self.profiled("logits + row stats", || {
+            if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
+                return Err(Error::invalid(format!(
+                    "logit statistics: {} and {} values are not rows of {dim}",
+                    x.len(),
+                    text.len()
+                )));
+            }
+            let (rows, classes) = (x.len() / dim, text.len() / dim);
+            row_stats::check_labels(rows, classes, labels, rows_per_label)?;
+            if temperature.is_nan() || temperature <= 0.0 {
+                return Err(Error::invalid(format!(
+                    "temperature must be > 0, got {temperature}"
+                )));
+            }
+            if rows == 0 {
+                return Ok(Vec::new());
+            }
+            let groups_per_chunk = (LOGIT_CHUNK / (classes * rows_per_label)).max(1);
+            let chunk_rows = groups_per_chunk * rows_per_label;
+            let logits = self.dev.alloc(chunk_rows.min(rows) * classes, DType::F32)?;
+            let label_ids: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+            let dev_labels = self.dev.upload_indices(&label_ids)?;
+            let out = self.dev.alloc_raw(rows * 5 * 8)?;
+            let d = self.opts.dtype;
+            for start in (0..rows).step_by(chunk_rows) {
+                let n = chunk_rows.min(rows - start);
+                // Column-major: logits' (classes × n) = scale · T'ᵀ (classes × dim) · X' (dim × n).
+                self.gemm.batched(
+                    &self.dev,
+                    &Batched {
+                        transa: true,
+                        transb: false,
+                        m: classes,
+                        n,
+                        k: dim,
+                        alpha: scale,
+                        a: text.ptr(),
+                        a_type: d,
+                        lda: dim,
+                        stride_a: 0,
+                        b: x.buf.ptr_at(start * dim),
+                        b_type: d,
+                        ldb: dim,
+                        stride_b: 0,
+                        beta: 0.0,
+                        c: logits.ptr(),
+                        c_type: DType::F32,
+                        ldc: classes,
+                        stride_c: 0,
+                        batch: 1,
+                    },
+                )?;
+                self.after("logits GEMM")?;
+                self.kernels.launch(
+                    &self.dev,
+                    "row_stats_f32",
+                    Launch::rows(n as u64)?,
+                    &[
+                        Arg::Ptr(logits.ptr()),
+                        Arg::Ptr(dev_labels.ptr() + (start / rows_per_label * 4) as u64),
+                        Arg::I32(i32_of("rows per label", rows_per_label)?),
+                        Arg::I32(i32_of("rows", n)?),
+                        Arg::I32(i32_of("classes", classes)?),
+                        Arg::F32((1.0 / temperature) as f32),
+                        Arg::Ptr(out.ptr() + (start * 5 * 8) as u64),
+                    ],
+                )?;
+                self.after("row_stats_f32")?;
+            }
+            let raw: Vec<f64> = self.dev.download_raw(&out, rows * 5)?;
+            Ok(raw
+                .chunks_exact(5)
+                .map(|r| RowStats {
+                    argmax: r[0] as usize,
+                    cross_entropy: r[1],
+                    label_rank: r[2] as usize,
+                    entropy: r[3],
+                    sum_exp_t: r[4],
+                })
+                .collect())
+        })
+    }
+
+    /// `w − su[:rank]ᵀ · vt[:rank]` by one GEMM on a copy of w. Column-major: W' (in × out)
+    /// −= VT' (in × rank, ld in) · SU'ᵀ (rank × out; SU' is out × rank, ld out).
+    fn lowrank_weight(
+        &self,
+        w: &CudaTensor,
+        vt: &CudaTensor,
+        su: &CudaTensor,
+        rank: usize,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<CudaTensor>> {
+        check_len("weight", w.len(), out_dim * in_dim)?;
+        if in_dim == 0 || out_dim == 0 {
+            return Err(Error::invalid("low-rank weight: empty matrix"));
+        }
+        let kmax = vt.len() / in_dim;
+        if vt.len() != kmax * in_dim || su.len() != kmax * out_dim || rank > kmax {
             return Err(Error::invalid(format!(
-                "rank {rank} exceeds the {kmax} prepared components"
+                "low-rank weight: rank {rank} from factors of {} and {} values for [{out_dim}, {in_dim}]",
+                vt.len(),
+                su.len()
             )));
         }
-        let out = self.empty(y0.len())?;
-        self.dev.copy(&y0.buf, &out.buf)?;
-        if rank == 0 || rows == 0 || out_dim == 0 {
-            return Ok(out);
+        let out = self.duplicate(w)?;
+        if rank == 0 {
+            return Ok(Some(out));
         }
         let d = self.opts.dtype;
         self.gemm.batched(
             &self.dev,
             &Batched {
                 transa: false,
-                transb: false,
-                m: out_dim,
-                n: rows,
+                transb: true,
+                m: in_dim,
+                n: out_dim,
                 k: rank,
                 alpha: -1.0,
-                a: su.ptr(),
+                a: vt.ptr(),
                 a_type: d,
-                lda: out_dim,
+                lda: in_dim,
                 stride_a: 0,
-                b: xv.ptr(),
+                b: su.ptr(),
                 b_type: d,
-                ldb: kmax,
+                ldb: out_dim,
                 stride_b: 0,
                 beta: 1.0,
                 c: out.ptr(),
                 c_type: d,
-                ldc: out_dim,
+                ldc: in_dim,
                 stride_c: 0,
                 batch: 1,
             },
         )?;
-        self.after("low-rank correction")?;
-        Ok(out)
+        self.after("low-rank weight")?;
+        Ok(Some(out))
     }
 
-    fn gather_rows(&self, x: &CudaTensor, dim: usize, rows: &[usize]) -> Result<CudaTensor> {
-        if dim == 0 {
-            return Err(Error::invalid("gather rows: dim 0"));
-        }
-        let n = x.len() / dim;
-        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
-            return Err(Error::invalid(format!("row {r} out of {n}")));
-        }
-        let out = self.empty(rows.len() * dim)?;
-        if rows.is_empty() {
-            return Ok(out);
-        }
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let dev_rows = self.dev.upload_indices(&idx)?;
-        self.launch(
-            "gather_rows",
-            Launch::elementwise(out.len() as u64),
-            &[
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(dev_rows.ptr()),
-                Arg::Ptr(out.ptr()),
-                Arg::I64(i64_of(rows.len())),
-                Arg::I32(i32_of("dim", dim)?),
-            ],
-        )?;
-        Ok(out)
+    fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
+        let svds = super::svd::thin_svds(&self.dev, mats)?;
+        self.after("SVD")?;
+        Ok(svds)
     }
 }

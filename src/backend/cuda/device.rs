@@ -10,6 +10,7 @@
 use super::{cuda_error, DType};
 use crate::error::{Error, Result};
 use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// An error unless the CUDA driver library can be loaded (cudarc would panic on first use).
@@ -43,12 +44,35 @@ pub fn require_blas() -> Result<()> {
     }
 }
 
+/// The bytes our buffers hold on one device, against an optional limit (`--max-memory`).
+/// cuBLAS / cuSOLVER workspaces and the context itself are outside it.
+#[derive(Debug)]
+struct Budget {
+    limit: Option<usize>,
+    used: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// A share of the budget, given back when the buffer holding it is dropped.
+#[derive(Debug)]
+struct Lease {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// A typed run of device memory: `len` elements of `dtype`.
 #[derive(Debug)]
 pub struct DeviceBuffer {
     bytes: CudaSlice<u8>,
     len: usize,
     dtype: DType,
+    _lease: Lease,
 }
 
 impl DeviceBuffer {
@@ -77,10 +101,11 @@ impl DeviceBuffer {
     }
 }
 
-/// Plain integers on the device (token ids, row numbers, sequence lengths).
+/// Plain values on the device (token ids, row numbers, sequence lengths, f64 work arrays).
 #[derive(Debug)]
 pub struct IndexBuffer {
     bytes: CudaSlice<u8>,
+    _lease: Lease,
 }
 
 impl IndexBuffer {
@@ -99,6 +124,7 @@ pub struct Device {
     arch: (i32, i32),
     /// Fill every new buffer with NaN bytes (0xFF) before use: tests see unwritten outputs.
     poison: bool,
+    budget: Arc<Budget>,
 }
 
 impl Device {
@@ -130,7 +156,62 @@ impl Device {
             name,
             arch,
             poison,
+            budget: Arc::new(Budget {
+                limit: None,
+                used: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
         })
+    }
+
+    /// Caps the bytes our buffers may hold (`--max-memory`); an allocation past it is an
+    /// out-of-memory error, as if the device were that small.
+    pub fn with_memory_limit(mut self, limit: Option<usize>) -> Device {
+        self.budget = Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        });
+        self
+    }
+
+    /// Bytes our buffers hold now, and at most since the last [`Device::reset_peak`].
+    pub fn memory_in_use(&self) -> (usize, usize) {
+        (
+            self.budget.used.load(Ordering::Relaxed),
+            self.budget.peak.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn reset_peak(&self) {
+        self.budget
+            .peak
+            .store(self.budget.used.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Reserves `bytes` of the budget, or says why not.
+    fn lease(&self, bytes: usize) -> Result<Lease> {
+        let b = &self.budget;
+        let used = b.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let lease = Lease {
+            budget: b.clone(),
+            bytes,
+        };
+        if let Some(limit) = b.limit {
+            if used > limit {
+                drop(lease);
+                let mib = |x: usize| x as f64 / (1 << 20) as f64;
+                return Err(Error::invalid(format!(
+                    "cuda:{}: out of memory: allocating {:.1} MiB would pass the --max-memory budget of {:.1} MiB ({:.1} MiB in use); lower --batch or raise --max-memory",
+                    self.ordinal,
+                    mib(bytes),
+                    mib(limit),
+                    mib(used - bytes)
+                )));
+            }
+        }
+        b.peak.fetch_max(used, Ordering::Relaxed);
+        Ok(lease)
     }
 
     pub fn ordinal(&self) -> usize {
@@ -179,10 +260,12 @@ impl Device {
                 "{len} elements of {dtype} overflow the address space"
             ))
         })?;
+        let _lease = self.lease(bytes)?;
         let buf = DeviceBuffer {
             bytes: self.alloc_bytes(bytes)?,
             len,
             dtype,
+            _lease,
         };
         if self.poison {
             self.fill_bytes(&buf, 0xFF)?;
@@ -222,9 +305,43 @@ impl Device {
     /// Copies indices (token ids, row numbers, lengths) to the device.
     pub fn upload_indices<T: bytemuck::Pod>(&self, data: &[T]) -> Result<IndexBuffer> {
         let src: &[u8] = bytemuck::cast_slice(data);
-        let mut bytes = self.alloc_bytes(src.len())?;
-        self.copy_in(&mut bytes, src)?;
-        Ok(IndexBuffer { bytes })
+        let mut buf = self.alloc_raw(src.len())?;
+        self.copy_in(&mut buf.bytes, src)?;
+        Ok(buf)
+    }
+
+    /// `bytes` of uninitialised plain memory (f64 work arrays of cuSOLVER, kernel results).
+    pub fn alloc_raw(&self, bytes: usize) -> Result<IndexBuffer> {
+        let _lease = self.lease(bytes)?;
+        Ok(IndexBuffer {
+            bytes: self.alloc_bytes(bytes)?,
+            _lease,
+        })
+    }
+
+    /// The first `len` values of a plain buffer (waits for the stream).
+    pub fn download_raw<T: bytemuck::Pod + Default>(
+        &self,
+        buf: &IndexBuffer,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        if dst.len() > buf.bytes.len() {
+            return Err(Error::invalid(format!(
+                "download: {} bytes from a buffer of {}",
+                dst.len(),
+                buf.bytes.len()
+            )));
+        }
+        if !dst.is_empty() {
+            let src = buf.bytes.slice(..dst.len());
+            self.stream
+                .memcpy_dtoh(&src, dst)
+                .map_err(|e| self.err("device → host copy", e))?;
+        }
+        self.synchronize()?;
+        Ok(out)
     }
 
     /// Copies `src` into `dst` (same dtype and length), stream-ordered.

@@ -106,6 +106,12 @@ pub const UNITS: &[Unit] = &[
         dtypes: ALL,
     },
     Unit {
+        name: "rowstats",
+        source: include_str!("../../../kernels/rowstats.cu"),
+        ops: &["row_stats"],
+        dtypes: &[DType::F32],
+    },
+    Unit {
         name: "softmax",
         source: include_str!("../../../kernels/softmax.cu"),
         ops: &["softmax"],

@@ -8,6 +8,7 @@
 //!   there, else compiled by NVRTC at run time (cached on disk);
 //! - [`gemm`]: every matrix product through cuBLASLt / cuBLAS (f32, or bf16 / f16 with f32
 //!   accumulation; strided-batched for attention);
+//! - [`svd`]: thin SVDs of weights in f64 through cuBLAS + cuSOLVER (Gram + `Dsyevd`);
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation.
 //!
 //! ```no_run
@@ -20,6 +21,7 @@ pub mod backend;
 pub mod device;
 pub mod gemm;
 pub mod kernels;
+pub mod svd;
 
 pub use backend::{CudaBackend, CudaOptions, CudaTensor};
 pub use device::{Device, DeviceBuffer};

@@ -4,7 +4,11 @@
 //!    directory) and on a random ViT-B/16 in the real layout, per dtype;
 //! 2. the image tower at 224 px, batch B (256), in each dtype: images/s end to end (host
 //!    pixels in, host features out) and with the pixel upload timed apart;
-//! 3. the Linear GEMM rate of our cuBLASLt path (bf16, 8192³).
+//! 3. the Linear GEMM rate of our cuBLASLt path (bf16, 8192³);
+//! 4. (`search.rs`) the SVDs and a full SeTAR search (1000 images, 1000 classes, 24 steps × 9
+//!    ratios) per `--search-dtypes`, MCM / GL-MCM scoring of 10k images, and the memory check:
+//!    CLIP-L/14 search steps under `--max-memory 24G`, and a too-small budget failing cleanly.
+//!    Writes the inputs for the PyTorch peer to `--peer-dir`.
 //!
 //! Writes one JSON object (`--out FILE`, default stdout) and prints a summary to stderr.
 //!
@@ -37,6 +41,9 @@ fn main() {
 }
 
 #[cfg(feature = "cuda")]
+mod search;
+
+#[cfg(feature = "cuda")]
 mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
@@ -60,6 +67,13 @@ mod check {
         dtypes: Vec<DType>,
         skip_parity: bool,
         skip_timing: bool,
+        skip_search: bool,
+        search_images: usize,
+        search_chunk: usize,
+        search_dtypes: Vec<DType>,
+        score_images: usize,
+        peer_dir: PathBuf,
+        large_model: PathBuf,
     }
 
     fn parse() -> Result<Args> {
@@ -72,6 +86,13 @@ mod check {
             dtypes: vec![DType::F32, DType::BF16, DType::F16],
             skip_parity: false,
             skip_timing: false,
+            skip_search: false,
+            search_images: 1000,
+            search_chunk: 250,
+            search_dtypes: vec![DType::BF16],
+            score_images: 10_000,
+            peer_dir: std::env::temp_dir().join("setar-search"),
+            large_model: std::env::temp_dir().join("setar-vitl14"),
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -93,9 +114,21 @@ mod check {
                 }
                 "--skip-parity" => a.skip_parity = true,
                 "--skip-timing" => a.skip_timing = true,
+                "--skip-search" => a.skip_search = true,
+                "--search-images" => a.search_images = num(&value()?)?,
+                "--search-chunk" => a.search_chunk = num(&value()?)?,
+                "--score-images" => a.score_images = num(&value()?)?,
+                "--peer-dir" => a.peer_dir = value()?.into(),
+                "--large-model" => a.large_model = value()?.into(),
+                "--search-dtypes" => {
+                    a.search_dtypes = value()?
+                        .split(',')
+                        .map(|s| s.parse())
+                        .collect::<Result<_>>()?
+                }
                 "-h" | "--help" => {
                     eprintln!(
-                        "device_check [--out FILE] [--model DIR] [--fixtures DIR] [--batch 256] [--reps 10] [--dtypes f32,bf16,f16] [--skip-parity] [--skip-timing]"
+                        "device_check [--out FILE] [--model DIR] [--fixtures DIR] [--batch 256] [--reps 10] [--dtypes f32,bf16,f16] [--skip-parity] [--skip-timing] [--skip-search] [--search-images 1000] [--search-chunk 250] [--search-dtypes bf16] [--score-images 10000] [--peer-dir DIR] [--large-model DIR]"
                     );
                     std::process::exit(0);
                 }
@@ -273,7 +306,36 @@ mod check {
         );
         let gflop = image_gflop(&config);
         let on_device = batch as f64 / (tm - um).max(1e-9);
+        // Where the time goes: one batch with every op timed (synchronised around each op,
+        // so the total exceeds the free-running time; the shares are what count).
+        let profile = {
+            use setar_engine::backend::cuda::CudaOptions;
+            let opts = CudaOptions {
+                profile: true,
+                ..CudaOptions::new(dtype)
+            };
+            let pm = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)?;
+            pm.encode_images(&pixels, batch, false)?;
+            pm.backend.reset_profile();
+            pm.encode_images(&pixels, batch, false)?;
+            let p = pm.backend.profile();
+            let total: f64 = p.iter().map(|x| x.1).sum();
+            let line: Vec<String> = p
+                .iter()
+                .map(|(op, s, _)| format!("{op} {:.0}%", 100.0 * s / total))
+                .collect();
+            eprintln!(
+                "  {dtype:>4} profile ({:.1} ms synchronised): {}",
+                total * 1e3,
+                line.join(", ")
+            );
+            json!(p
+                .iter()
+                .map(|(op, s, n)| json!({"op": op, "ms": s * 1e3, "calls": n}))
+                .collect::<Vec<_>>())
+        };
         let res = json!({
+            "profile": profile,
             "backend": b.name(),
             "batch": batch,
             "load_seconds": load_s,
@@ -378,6 +440,18 @@ mod check {
             eprintln!("our bf16 GEMM 8192³ (cuBLASLt path): {gemm} TFLOP/s");
             report.insert("gemm_bf16_8192_tflops".into(), gemm);
         }
+        if !args.skip_search {
+            let r = search_section(&args).unwrap_or_else(|e| {
+                eprintln!("  search: ERROR {e}");
+                json!({ "error": e.to_string() })
+            });
+            report.insert("search".into(), r);
+            let r = memory_section(&args).unwrap_or_else(|e| {
+                eprintln!("  memory: ERROR {e}");
+                json!({ "error": e.to_string() })
+            });
+            report.insert("memory".into(), r);
+        }
         report.insert("libraries".into(), json!(loaded_libraries()));
         report.insert("seconds".into(), json!(t0.elapsed().as_secs_f64()));
         let text = serde_json::to_string_pretty(&Value::Object(report))
@@ -387,6 +461,122 @@ mod check {
             None => println!("{text}"),
         }
         Ok(())
+    }
+
+    /// Per dtype: the SVDs and the whole search, then scoring; the peer's inputs once.
+    fn search_section(args: &Args) -> Result<Value> {
+        eprintln!("search (random ViT-B/16, synthetic data):");
+        let weights = WeightsFile::open(&args.model)?;
+        let config = ClipConfig::for_weights(&weights)?;
+        let mut out = serde_json::Map::new();
+        let mut peer_written = false;
+        for &dtype in &args.search_dtypes {
+            let model = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+            let data = super::search::synthetic_data(&model, args.search_images, 1000, values)?;
+            let cfg = super::search::config(args.search_chunk);
+            if !peer_written {
+                super::search::write_peer_data(&args.peer_dir, &model, &data, &cfg)?;
+                peer_written = true;
+            }
+            let mut r = serde_json::Map::new();
+            r.insert(
+                "search".into(),
+                super::search::time_search(&model, &weights, &data, &cfg)
+                    .unwrap_or_else(|e| json!({ "error": e.to_string() })),
+            );
+            r.insert(
+                "scoring".into(),
+                super::search::time_scoring(&model, &data, args.score_images, 500)
+                    .unwrap_or_else(|e| json!({ "error": e.to_string() })),
+            );
+            out.insert(dtype.name().into(), Value::Object(r));
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// CLIP-L/14 (random, real layout) under a 24 GiB budget: the chunk size `fit_batch`
+    /// picks, then the first vision step and the first text step of a 1000-image search (the
+    /// text step builds the cached image features); peak memory. Then a 2 GiB budget with the
+    /// chunk forced to 256: an out-of-memory error, and the backend still works.
+    fn memory_section(args: &Args) -> Result<Value> {
+        use setar_engine::backend::cuda::CudaOptions;
+        use setar_engine::lowrank::{rank_for, Target, Tower, WeightType};
+        use setar_engine::search::engine::Engine;
+        use setar_engine::search::memory::fit_batch;
+        eprintln!("memory (random CLIP-L/14, --max-memory 24G):");
+        if !args.large_model.join("model.safetensors").is_file() {
+            write_random_model(&preset("vit-l-14")?, &args.large_model, 0, SaveDtype::Bf16)?;
+        }
+        let weights = WeightsFile::open(&args.large_model)?;
+        let config = ClipConfig::for_weights(&weights)?;
+        let run = |budget: usize, chunk: Option<usize>| -> Result<Value> {
+            let opts = CudaOptions {
+                max_memory: Some(budget),
+                ..CudaOptions::new(DType::BF16)
+            };
+            let model = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)?;
+            let data = super::search::synthetic_data(&model, args.search_images, 1000, values)?;
+            let batch = match chunk {
+                Some(c) => c,
+                None => fit_batch(
+                    &config,
+                    weights.parameter_count(),
+                    2,
+                    data.len(),
+                    512,
+                    budget,
+                )?,
+            };
+            let cfg = super::search::config(batch);
+            let t = Instant::now();
+            let mut engine = Engine::new(&model, &weights, &data, &cfg);
+            let bar = indicatif::ProgressBar::hidden();
+            let mut values_at = Vec::new();
+            for target in [
+                Target {
+                    tower: Tower::Visual,
+                    weight: WeightType::Up,
+                    layer: Some(config.vision.tower.layers - 1),
+                },
+                Target {
+                    tower: Tower::Text,
+                    weight: WeightType::Up,
+                    layer: Some(config.text.tower.layers - 1),
+                },
+            ] {
+                let k = engine.prepare(target)?.k();
+                let ranks: Vec<usize> = cfg
+                    .ratios
+                    .iter()
+                    .map(|&r| rank_for(k, r, &target))
+                    .collect::<Result<_>>()?;
+                let outcomes = engine.evaluate(target, &ranks, &bar)?;
+                values_at.push(outcomes.iter().map(|o| o.value).collect::<Vec<_>>());
+                engine.decide(target, ranks[ranks.len() / 2])?;
+            }
+            model.backend.synchronize()?;
+            Ok(json!({
+                "budget_bytes": budget,
+                "chunk": batch,
+                "seconds": t.elapsed().as_secs_f64(),
+                "peak_device_memory_bytes": model.backend.peak_memory(),
+                "values": values_at,
+            }))
+        };
+        let fits = run(24 << 30, None)?;
+        eprintln!("  24 GiB budget: {fits}");
+        let tight = match run(2 << 30, Some(256)) {
+            Ok(v) => json!({ "unexpected_success": v }),
+            Err(e) => json!({ "error_reported": e.to_string() }),
+        };
+        eprintln!("  2 GiB budget, chunk 256: {tight}");
+        let after =
+            CudaBackend::new(0, DType::BF16).and_then(|b| b.bench_gemm(1024, 1024, 1024, 2));
+        Ok(json!({
+            "clip_l14_24GiB": fits,
+            "clip_l14_2GiB_chunk256": tight,
+            "device_usable_after": after.is_ok(),
+        }))
     }
 
     fn parity_or_error(dir: &Path, dtypes: &[DType], images: usize, texts: usize) -> Value {

@@ -1,0 +1,95 @@
+// What the search's loss and scores need of each row of logits, so that only these few numbers
+// per row (not the [rows, classes] logits) travel to the host. One warp per row.
+//
+// For row r of `logits [rows, classes]` (f32, already scaled) and its label
+// `labels[r / rows_per_label]`, writes out[r * 5 + ...] in double:
+//   0 argmax (first on ties, as torch.argmax)
+//   1 cross-entropy ln Σ exp(x) − x[label]
+//   2 label rank: #{c : x_c > x_label} + #{c < label : x_c = x_label} in the total order of
+//     f32 (the label is in the top K iff rank < K)
+//   3 entropy −Σ p ln(p + 1e-5), p = softmax(x)
+//   4 Σ exp((x − max) / T) (MCM's largest probability is its inverse)
+// CPU twin: `backend::row_stats::row_stats_host` (the loss's and the scores' own formulas).
+#include "common.cuh"
+
+// A key whose signed order is the total order of the floats (as loss.rs's `key`).
+__device__ __forceinline__ int total_key(float x) {
+    int b = __float_as_int(x);
+    return b ^ (int)(((unsigned int)(b >> 31)) >> 1);
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum_i(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
+    row_stats_f32(const float* logits, const int* labels, int rows_per_label, int rows,
+                  int classes, float inv_t, double* out) {
+    int row = blockIdx.x * SETAR_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* x = logits + (long long)row * classes;
+    int label = labels[row / rows_per_label];
+    float xl = x[label];
+    int kl = total_key(xl);
+
+    // Pass 1: max with its first index, and the label's rank.
+    float m = -__int_as_float(0x7f800000);
+    int arg = 0x7fffffff;
+    int rank = 0;
+    for (int c = lane; c < classes; c += 32) {
+        float v = x[c];
+        if (v > m || (v == m && c < arg)) {
+            m = v;
+            arg = c;
+        }
+        int k = total_key(v);
+        rank += (c < label) ? (k >= kl) : (c > label && k > kl);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float om = __shfl_xor_sync(0xffffffffu, m, o);
+        int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+        if (om > m || (om == m && oa < arg)) {
+            m = om;
+            arg = oa;
+        }
+    }
+    rank = warp_sum_i(rank);
+
+    // Pass 2: Σ exp(x − m) and Σ exp((x − m)/T).
+    double s = 0.0, st = 0.0;
+    for (int c = lane; c < classes; c += 32) {
+        float d = x[c] - m;
+        s += (double)expf(d);
+        st += (double)expf(d * inv_t);
+    }
+    s = warp_sum_d(s);
+    st = warp_sum_d(st);
+
+    // Pass 3: the entropy of p = exp(x − m) / s.
+    float inv = (float)(1.0 / s);
+    double h = 0.0;
+    for (int c = lane; c < classes; c += 32) {
+        float p = expf(x[c] - m) * inv;
+        h += (double)(p * logf(p + 1e-5f));
+    }
+    h = warp_sum_d(h);
+
+    if (lane == 0) {
+        double* o = out + (long long)row * 5;
+        o[0] = (double)arg;
+        o[1] = (double)m + log(s) - (double)xl;
+        o[2] = (double)rank;
+        o[3] = -h;
+        o[4] = st;
+    }
+}

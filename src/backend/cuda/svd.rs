@@ -1,0 +1,341 @@
+//! Thin SVDs of weight matrices on the device, in f64, through cuBLAS and cuSOLVER.
+//!
+//! For W `[out, in]` with k = min(out, in): the Gram matrix of the short side (G = WᵀW when
+//! in ≤ out, else WWᵀ; k × k) by one strided-batched DGEMM per group of equal shapes, its
+//! eigen-decomposition by `cusolverDnDsyevd` (G = Q Λ Qᵀ, so Q holds the singular vectors of
+//! that side and σ = √λ), and the other side's vectors times σ by one more DGEMM (W·vᵢ = σᵢuᵢ,
+//! Wᵀ·uᵢ = σᵢvᵢ). The search only ever uses σᵢuᵢ and vᵢ together (W' = W − Σ σᵢuᵢvᵢᵀ), and
+//! σᵢuᵢ = W·vᵢ is exact whatever the accuracy of a tiny σᵢ; in f64 the squared condition
+//! number costs nothing measurable on CLIP's weights (tests/cuda.rs compares with faer).
+
+use super::device::{Device, IndexBuffer};
+use crate::error::{Error, Result};
+use crate::lowrank::Svd;
+use cudarc::cublas::sys as blas_sys;
+use cudarc::cusolver::sys as solver_sys;
+use std::collections::BTreeMap;
+
+fn solver_err(what: &str, status: solver_sys::cusolverStatus_t) -> Error {
+    Error::invalid(format!("cuSOLVER {what}: {status:?}"))
+}
+
+fn blas_err(what: &str, status: blas_sys::cublasStatus_t) -> Error {
+    Error::invalid(format!("cuBLAS {what}: {status:?}"))
+}
+
+/// An error unless cuSOLVER can be loaded (cudarc would panic on first use).
+pub fn require_cusolver() -> Result<()> {
+    // SAFETY: only tries to dlopen the library.
+    if unsafe { solver_sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "cuSOLVER missing (CUDA 13: libcusolver.so.12; put its folder on LD_LIBRARY_PATH)",
+        ))
+    }
+}
+
+/// cuBLAS and cuSOLVER handles on the device's stream, destroyed on drop.
+struct Handles {
+    blas: blas_sys::cublasHandle_t,
+    solver: solver_sys::cusolverDnHandle_t,
+}
+
+impl Handles {
+    fn new(dev: &Device) -> Result<Handles> {
+        require_cusolver()?;
+        dev.bind()?;
+        let mut h = Handles {
+            blas: std::ptr::null_mut(),
+            solver: std::ptr::null_mut(),
+        };
+        // SAFETY: out-pointers into `h` (whose Drop frees what was made); the stream belongs
+        // to the bound context.
+        unsafe {
+            let s = blas_sys::cublasCreate_v2(&mut h.blas);
+            if s != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(blas_err("create", s));
+            }
+            let s = solver_sys::cusolverDnCreate(&mut h.solver);
+            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+                return Err(solver_err("create", s));
+            }
+            let stream = dev.stream().cu_stream();
+            let s = blas_sys::cublasSetStream_v2(h.blas, stream as _);
+            if s != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(blas_err("set stream", s));
+            }
+            let s = solver_sys::cusolverDnSetStream(h.solver, stream as _);
+            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+                return Err(solver_err("set stream", s));
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, used by nothing else.
+        unsafe {
+            if !self.solver.is_null() {
+                solver_sys::cusolverDnDestroy(self.solver);
+            }
+            if !self.blas.is_null() {
+                blas_sys::cublasDestroy_v2(self.blas);
+            }
+        }
+    }
+}
+
+fn int(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("SVD: {what} = {v} is too large")))
+}
+
+/// Column-major DGEMM `C (m × n) = op(A) · op(B)` (alpha 1, beta 0), `batch` times with
+/// strides (in elements).
+#[allow(clippy::too_many_arguments)]
+fn dgemm(
+    h: &Handles,
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda, sa): (u64, usize, usize),
+    (b, ldb, sb): (u64, usize, usize),
+    (c, ldc, sc): (u64, usize, usize),
+    batch: usize,
+) -> Result<()> {
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (one, zero) = (1.0f64, 0.0f64);
+    // SAFETY: the pointers and strides describe ranges inside live device buffers.
+    let s = unsafe {
+        blas_sys::cublasDgemmStridedBatched(
+            h.blas,
+            op(ta),
+            op(tb),
+            int("m", m)?,
+            int("n", n)?,
+            int("k", k)?,
+            &one,
+            a as *const f64,
+            int("lda", lda)?,
+            sa as i64,
+            b as *const f64,
+            int("ldb", ldb)?,
+            sb as i64,
+            &zero,
+            c as *mut f64,
+            int("ldc", ldc)?,
+            sc as i64,
+            int("batch", batch)?,
+        )
+    };
+    if s != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(blas_err(&format!("DGEMM {m}x{n}x{k} x{batch}"), s));
+    }
+    Ok(())
+}
+
+/// Thin SVDs of row-major `[out, in]` f32 weights (each as [`Svd::new`] gives: singular values
+/// descending, `u [out, k]`, `v [in, k]` row-major).
+pub fn thin_svds(dev: &Device, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
+    for (i, (w, o, n)) in mats.iter().enumerate() {
+        if w.len() != o * n || *o == 0 || *n == 0 {
+            return Err(Error::invalid(format!(
+                "SVD {i}: {} values for [{o}, {n}]",
+                w.len()
+            )));
+        }
+    }
+    let h = Handles::new(dev)?;
+    // Groups of equal shape share one DGEMM launch for the Gram matrices and one for the
+    // other side's vectors.
+    let mut groups: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (i, (_, o, n)) in mats.iter().enumerate() {
+        groups.entry((*o, *n)).or_default().push(i);
+    }
+    let mut out: Vec<Option<Svd>> = (0..mats.len()).map(|_| None).collect();
+    for ((o, n), members) in groups {
+        let svds = group(dev, &h, mats, &members, o, n)?;
+        for (i, s) in members.into_iter().zip(svds) {
+            out[i] = Some(s);
+        }
+    }
+    Ok(out.into_iter().map(|s| s.expect("every matrix")).collect())
+}
+
+/// The SVDs of `members` of `mats`, all `[o, n]`.
+fn group(
+    dev: &Device,
+    h: &Handles,
+    mats: &[(&[f32], usize, usize)],
+    members: &[usize],
+    o: usize,
+    n: usize,
+) -> Result<Vec<Svd>> {
+    let b = members.len();
+    let k = o.min(n);
+    let wide = o < n; // Gram of the rows (W Wᵀ, out × out) instead of the columns.
+    let host: Vec<f64> = members
+        .iter()
+        .flat_map(|&i| mats[i].0.iter().map(|&x| x as f64))
+        .collect();
+    let w = dev.upload_indices(&host)?;
+    let gram = dev.alloc_raw(b * k * k * 8)?;
+    // The row-major [o, n] W is the column-major M = Wᵀ (n × o), ld n.
+    let (wp, gp) = (w.ptr(), gram.ptr());
+    if wide {
+        // W Wᵀ = Mᵀ M (o × o).
+        dgemm(
+            h,
+            (true, false),
+            (o, o, n),
+            (wp, n, o * n),
+            (wp, n, o * n),
+            (gp, o, o * o),
+            b,
+        )?;
+    } else {
+        // Wᵀ W = M Mᵀ (n × n).
+        dgemm(
+            h,
+            (false, true),
+            (n, n, o),
+            (wp, n, o * n),
+            (wp, n, o * n),
+            (gp, n, n * n),
+            b,
+        )?;
+    }
+    let eig = dev.alloc_raw(b * k * 8)?;
+    syevd(dev, h, &gram, &eig, k, b)?;
+    // The other side times σ: W·Q (o × k, for Q = V) or Wᵀ·Q (n × k, for Q = U), column-major.
+    let other_dim = if wide { n } else { o };
+    let other = dev.alloc_raw(b * other_dim * k * 8)?;
+    let op = other.ptr();
+    if wide {
+        // Wᵀ Q = M Q: (n × o)·(o × k).
+        dgemm(
+            h,
+            (false, false),
+            (n, k, o),
+            (wp, n, o * n),
+            (gp, o, k * k),
+            (op, n, n * k),
+            b,
+        )?;
+    } else {
+        // W Q = Mᵀ Q: (o × n)·(n × k).
+        dgemm(
+            h,
+            (true, false),
+            (o, k, n),
+            (wp, n, o * n),
+            (gp, n, k * k),
+            (op, o, o * k),
+            b,
+        )?;
+    }
+    let q: Vec<f64> = dev.download_raw(&gram, b * k * k)?;
+    let lambda: Vec<f64> = dev.download_raw(&eig, b * k)?;
+    let scaled: Vec<f64> = dev.download_raw(&other, b * other_dim * k)?;
+    let mut svds = Vec::with_capacity(b);
+    for j in 0..b {
+        let q = &q[j * k * k..(j + 1) * k * k];
+        let lambda = &lambda[j * k..(j + 1) * k];
+        let scaled = &scaled[j * other_dim * k..(j + 1) * other_dim * k];
+        let mut svd = Svd {
+            out_dim: o,
+            in_dim: n,
+            u: vec![0.0; o * k],
+            s: vec![0.0; k],
+            v: vec![0.0; n * k],
+        };
+        // syevd's eigenvalues ascend: component c of the SVD is eigenpair k − 1 − c.
+        for c in 0..k {
+            let e = k - 1 - c;
+            let sigma = lambda[e].max(0.0).sqrt();
+            svd.s[c] = sigma;
+            let inv = if sigma > 0.0 { 1.0 / sigma } else { 0.0 };
+            let (q_side, other_side, q_rows, other_rows) = if wide {
+                (&mut svd.u, &mut svd.v, o, n)
+            } else {
+                (&mut svd.v, &mut svd.u, n, o)
+            };
+            for r in 0..q_rows {
+                q_side[r * k + c] = q[e * q_rows + r];
+            }
+            for r in 0..other_rows {
+                other_side[r * k + c] = scaled[e * other_rows + r] * inv;
+            }
+        }
+        svds.push(svd);
+    }
+    Ok(svds)
+}
+
+/// In place, each of `batch` column-major `k × k` symmetric matrices → its eigenvectors
+/// (columns), eigenvalues ascending into `eig`.
+fn syevd(
+    dev: &Device,
+    h: &Handles,
+    gram: &IndexBuffer,
+    eig: &IndexBuffer,
+    k: usize,
+    batch: usize,
+) -> Result<()> {
+    let n = int("k", k)?;
+    let jobz = solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
+    let uplo = solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    let mut lwork = 0i32;
+    // SAFETY: a size query on live buffers.
+    let s = unsafe {
+        solver_sys::cusolverDnDsyevd_bufferSize(
+            h.solver,
+            jobz,
+            uplo,
+            n,
+            gram.ptr() as *const f64,
+            n,
+            eig.ptr() as *const f64,
+            &mut lwork,
+        )
+    };
+    if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        return Err(solver_err("Dsyevd buffer size", s));
+    }
+    let work = dev.alloc_raw(lwork.max(1) as usize * 8)?;
+    let info = dev.alloc_raw(batch * 4)?;
+    for j in 0..batch {
+        // SAFETY: matrix j, its eigenvalues and its info slot lie inside the buffers.
+        let s = unsafe {
+            solver_sys::cusolverDnDsyevd(
+                h.solver,
+                jobz,
+                uplo,
+                n,
+                (gram.ptr() + (j * k * k * 8) as u64) as *mut f64,
+                n,
+                (eig.ptr() + (j * k * 8) as u64) as *mut f64,
+                work.ptr() as *mut f64,
+                lwork,
+                (info.ptr() + (j * 4) as u64) as *mut i32,
+            )
+        };
+        if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+            return Err(solver_err(&format!("Dsyevd {k}x{k}"), s));
+        }
+    }
+    let info: Vec<i32> = dev.download_raw(&info, batch)?;
+    if let Some((j, i)) = info.iter().enumerate().find(|(_, &i)| i != 0) {
+        return Err(Error::invalid(format!(
+            "cuSOLVER Dsyevd on matrix {j} of a {k}x{k} group: info {i} (did not converge)"
+        )));
+    }
+    Ok(())
+}

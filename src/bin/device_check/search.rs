@@ -1,0 +1,281 @@
+//! The device check's search and scoring timings (issue 4, item 6), on a random CLIP in the
+//! real layout and synthetic validation data (random pixels, ImageNet-1K prompts):
+//! - the SVDs of every target of the plan, on the backend (cuSOLVER on a GPU);
+//! - a full SeTAR search (visual_text, `mlp.fc1`, the reference's 9 ratios, LoCoOp with the
+//!   CLIP-B/ImageNet λ and K), wall time from the model on the device to the last decision;
+//! - MCM / GL-MCM scoring throughput (tower + local features + scores, pixels from the host);
+//! - the peak of our device memory (`--max-memory` budget accounting).
+//!
+//! It also writes the data and the plan for the PyTorch peer (scripts/torch_search_peer.py),
+//! which runs the same search the reference's way on the same inputs.
+
+use serde_json::{json, Value};
+use setar_engine::backend::cuda::CudaBackend;
+use setar_engine::backend::Backend;
+use setar_engine::data::LabelSet;
+use setar_engine::loss::{Averaging, LocoopConfig, LocoopPreset};
+use setar_engine::lowrank::{rank_for, PruneType, WeightType};
+use setar_engine::model::prompts::PromptBuckets;
+use setar_engine::model::Clip;
+use setar_engine::progress::Progress;
+use setar_engine::score::Scorer;
+use setar_engine::search::engine::{Engine, SearchData};
+use setar_engine::search::{self, plan, Objective, Order, SearchConfig};
+use setar_engine::tokenizer::Tokenizer;
+use setar_engine::weights::WeightsFile;
+use setar_engine::{Error, Result};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// `n` synthetic validation images (pixels from `values`) over the first `classes` ImageNet-1K
+/// classes, image i of class i mod classes.
+pub fn synthetic_data(
+    model: &Clip<CudaBackend>,
+    n: usize,
+    classes: usize,
+    values: impl Fn(usize, u64, f32, f32) -> Vec<f32>,
+) -> Result<SearchData> {
+    let vc = &model.config.vision;
+    let labels = LabelSet::resolve("imagenet1k")?;
+    let prompts: Vec<String> = labels.prompts().into_iter().take(classes).collect();
+    let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let batch = Tokenizer::embedded().encode_batch(&refs, model.config.text.context_length);
+    Ok(SearchData {
+        pixels: values(
+            n * vc.channels * vc.image_size * vc.image_size,
+            21,
+            -2.0,
+            2.0,
+        ),
+        labels: (0..n).map(|i| i % refs.len()).collect(),
+        images: (0..n).map(|i| format!("synthetic/{i}")).collect(),
+        prompts: PromptBuckets::new(&batch, 128),
+    })
+}
+
+pub fn config(chunk: usize) -> SearchConfig {
+    let (lambda, top_k, batch) = LocoopPreset::ClipBImagenet.values();
+    SearchConfig {
+        order: Order::VisualText,
+        objective: Objective::LocoopLoss,
+        scorer: Scorer::Mcm,
+        ratios: SearchConfig::default_ratios(),
+        weight: WeightType::Up,
+        prune: PruneType::Minor,
+        locoop: LocoopConfig {
+            lambda,
+            top_k,
+            use_pred_label: false,
+            averaging: Averaging::PerBatch(batch),
+        },
+        temperature: 1.0,
+        recall_level: 0.95,
+        freeze_proj: true,
+        batch: chunk,
+        naive: false,
+    }
+}
+
+/// Writes what the PyTorch peer needs: `pixels.f32` (raw, `[n, 3, size, size]`) and
+/// `search.json` (labels, token ids, the plan with each ratio's rank, the loss settings).
+pub fn write_peer_data(
+    dir: &Path,
+    model: &Clip<CudaBackend>,
+    data: &SearchData,
+    cfg: &SearchConfig,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let px = dir.join("pixels.f32");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&px).map_err(|e| Error::io(&px, e))?);
+    f.write_all(bytemuck::cast_slice(&data.pixels))
+        .and_then(|_| f.flush())
+        .map_err(|e| Error::io(&px, e))?;
+    let c = &model.config;
+    let targets = plan(
+        cfg.order,
+        cfg.weight,
+        c.vision.tower.layers,
+        c.text.tower.layers,
+        cfg.freeze_proj,
+    )?;
+    let steps: Vec<Value> = targets
+        .iter()
+        .map(|t| {
+            let (o, i) = match t.tower {
+                setar_engine::lowrank::Tower::Visual => {
+                    (c.vision.tower.intermediate, c.vision.tower.hidden)
+                }
+                setar_engine::lowrank::Tower::Text => {
+                    (c.text.tower.intermediate, c.text.tower.hidden)
+                }
+            };
+            let ranks: Vec<usize> = cfg
+                .ratios
+                .iter()
+                .map(|&r| rank_for(o.min(i), r, t))
+                .collect::<Result<_>>()?;
+            Ok(json!({"tower": t.tower.name(), "layer": t.layer, "module": t.module(), "ranks": ranks}))
+        })
+        .collect::<Result<_>>()?;
+    let mut ids = Vec::new();
+    let mut lengths = vec![0usize; data.prompts.count];
+    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    for b in &data.prompts.buckets {
+        for (j, &r) in b.rows.iter().enumerate() {
+            lengths[r] = b.lengths[j];
+            rows.push((r, b.ids[j * b.seq..(j + 1) * b.seq].to_vec()));
+        }
+    }
+    rows.sort_by_key(|(r, _)| *r);
+    let seq = rows.iter().map(|(_, v)| v.len()).max().unwrap_or(1);
+    for (_, mut v) in rows {
+        v.resize(seq, 0);
+        ids.push(v);
+    }
+    let meta = json!({
+        "images": data.len(),
+        "image_size": c.vision.image_size,
+        "labels": data.labels,
+        "input_ids": ids,
+        "lengths": lengths,
+        "ratios": cfg.ratios,
+        "steps": steps,
+        "lambda": cfg.locoop.lambda,
+        "top_k": cfg.locoop.top_k,
+        "loss_batch": match cfg.locoop.averaging { Averaging::PerBatch(b) => b, Averaging::WholeSet => data.len() },
+    });
+    let path = dir.join("search.json");
+    std::fs::write(&path, meta.to_string()).map_err(|e| Error::io(&path, e))
+}
+
+/// The SVDs of every target, then the whole search; times, decisions and memory.
+pub fn time_search(
+    model: &Clip<CudaBackend>,
+    weights: &WeightsFile,
+    data: &SearchData,
+    cfg: &SearchConfig,
+) -> Result<Value> {
+    let b = &model.backend;
+    b.reset_peak_memory();
+    let c = &model.config;
+    let targets = plan(
+        cfg.order,
+        cfg.weight,
+        c.vision.tower.layers,
+        c.text.tower.layers,
+        cfg.freeze_proj,
+    )?;
+    b.synchronize()?;
+    let t0 = Instant::now();
+    let mut engine = Engine::new(model, weights, data, cfg);
+    engine.prepare_all(&targets)?;
+    b.synchronize()?;
+    let svd_s = t0.elapsed().as_secs_f64();
+    let state = search::run(
+        &mut engine,
+        cfg,
+        "device-check",
+        None,
+        Progress { quiet: true },
+    )?;
+    b.synchronize()?;
+    let total_s = t0.elapsed().as_secs_f64();
+    let candidates: usize = state
+        .steps
+        .iter()
+        .map(|s| s.candidates.iter().filter(|c| !c.carried).count())
+        .sum();
+    let res = json!({
+        "images": data.len(),
+        "classes": data.prompts.count,
+        "steps": state.steps.len(),
+        "ratios": cfg.ratios.len(),
+        "candidates_evaluated": candidates,
+        "chunk": cfg.batch,
+        "svd_seconds": svd_s,
+        "seconds": total_s,
+        "step_seconds": state.steps.iter().map(|s| s.seconds).collect::<Vec<_>>(),
+        "chosen_ratios": state.steps.iter().map(|s| s.chosen.ratio).collect::<Vec<_>>(),
+        "step_values": state.steps.iter().map(|s| s.candidates.iter().map(|c| c.value).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "best": state.best(),
+        "peak_device_memory_bytes": b.peak_memory(),
+    });
+    eprintln!(
+        "  search {} images × {} classes, {} steps × {} ratios: {:.2} s (SVDs {:.2} s), peak memory {:.2} GiB",
+        data.len(),
+        data.prompts.count,
+        state.steps.len(),
+        cfg.ratios.len(),
+        total_s,
+        svd_s,
+        b.peak_memory() as f64 / (1u64 << 30) as f64
+    );
+    Ok(res)
+}
+
+/// MCM and GL-MCM of `total` images (the pixels of `data` reused), `chunk` at a time: the
+/// tower with local features, normalisation and the scores' row statistics on the device,
+/// two numbers per image back.
+pub fn time_scoring(
+    model: &Clip<CudaBackend>,
+    data: &SearchData,
+    total: usize,
+    chunk: usize,
+) -> Result<Value> {
+    let b = &model.backend;
+    let c = &model.config;
+    let dim = c.projection_dim;
+    let text = model.encode_prompts(&data.prompts, &Default::default())?;
+    let mut text = b.tensor(text)?;
+    b.l2_normalize(&mut text, dim)?;
+    let per = data.pixels.len() / data.len();
+    let patches = c.vision.grid() * c.vision.grid();
+    let scale = model.logit_scale.exp();
+    let score = |n: usize, offset: usize| -> Result<Vec<(f64, f64)>> {
+        let px = &data.pixels[offset * per..(offset + n) * per];
+        let mut h = model.vision_embed(px, n)?;
+        let ov = Default::default();
+        model.vision_layers(&mut h, n, 0..c.vision.tower.layers - 1, &ov)?;
+        let (mut g, l) = model.vision_head_tensors(&h, n, true, &ov)?;
+        let mut l = l.expect("local features");
+        b.l2_normalize(&mut g, dim)?;
+        b.l2_normalize(&mut l, dim)?;
+        let zeros = vec![0usize; n];
+        let gs = b.logit_row_stats(&g, &text, dim, scale, &zeros, 1, 1.0)?;
+        let ls = b.logit_row_stats(&l, &text, dim, scale, &zeros, patches, 1.0)?;
+        Ok((0..n)
+            .map(|i| {
+                let mcm = gs[i].max_prob();
+                let l_mcm = ls[i * patches..(i + 1) * patches]
+                    .iter()
+                    .map(|s| s.max_prob())
+                    .fold(0.0, f64::max);
+                (mcm, mcm + l_mcm)
+            })
+            .collect())
+    };
+    let chunk = chunk.min(data.len());
+    score(chunk, 0)?; // warm-up
+    b.synchronize()?;
+    let t = Instant::now();
+    let mut done = 0;
+    let mut checksum = 0.0;
+    while done < total {
+        let n = chunk.min(total - done);
+        let offset = (done % data.len()).min(data.len() - n);
+        for (m, gl) in score(n, offset)? {
+            checksum += m + gl;
+        }
+        done += n;
+    }
+    let s = t.elapsed().as_secs_f64();
+    if !checksum.is_finite() {
+        return Err(Error::invalid("scoring: non-finite scores"));
+    }
+    eprintln!(
+        "  scoring (MCM + GL-MCM) {total} images: {s:.2} s, {:.0} img/s",
+        total as f64 / s
+    );
+    Ok(json!({"images": total, "chunk": chunk, "seconds": s, "img_per_s": total as f64 / s}))
+}

@@ -1,0 +1,108 @@
+//! How many images a chunk of the search may hold under a device memory budget
+//! (`--max-memory`): the weights and the cached features stay for the whole search; each image
+//! of a chunk adds the activations of one vision block (the largest tower) at a time.
+
+use crate::config::ClipConfig;
+use crate::error::{Error, Result};
+
+/// A size such as `24G`, `24GiB`, `24GB`, `512M`, `1.5g` or a plain byte count; K/M/G/T are
+/// binary (GiB = 2³⁰ bytes) whatever the spelling, as GPU memory is quoted.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t
+        .strip_suffix("ib")
+        .or_else(|| t.strip_suffix('b'))
+        .unwrap_or(&t);
+    let (num, shift) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 10),
+        Some('m') => (&t[..t.len() - 1], 20),
+        Some('g') => (&t[..t.len() - 1], 30),
+        Some('t') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(format!("--max-memory {s}: not a size (e.g. 24G, 512M)")))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(Error::invalid(format!(
+            "--max-memory {s}: must be positive"
+        )));
+    }
+    Ok((v * (1u64 << shift) as f64) as usize)
+}
+
+/// Peak bytes one image of a chunk adds in a vision block during the search: the hidden
+/// states and the candidate's copy, LayerNorm, q/k/v, attention scores (f32) and
+/// probabilities, attention and output projections, the MLP's hidden layer twice (the block
+/// output and the low-rank candidate's shared x·Wᵀ), and the MLP output.
+pub fn vision_bytes_per_image(c: &ClipConfig, value_bytes: usize) -> usize {
+    let v = &c.vision.tower;
+    let t = c.vision.tokens();
+    let rows = value_bytes * t * (9 * v.hidden + 2 * v.intermediate);
+    let attention = v.heads * t * t * (4 + value_bytes);
+    rows + attention
+}
+
+/// Bytes held for the whole search: the weights, and the normalised global and local image
+/// features of `images` images (cached while the text tower is searched).
+pub fn resident_bytes(c: &ClipConfig, params: usize, value_bytes: usize, images: usize) -> usize {
+    let patches = c.vision.grid() * c.vision.grid();
+    value_bytes * (params + images * (patches + 1) * c.projection_dim)
+}
+
+/// The chunk size under `budget` bytes: `requested`, lowered to what fits (with a 10% margin
+/// for the libraries' workspaces); an error when not even one image fits.
+pub fn fit_batch(
+    c: &ClipConfig,
+    params: usize,
+    value_bytes: usize,
+    images: usize,
+    requested: usize,
+    budget: usize,
+) -> Result<usize> {
+    let resident = resident_bytes(c, params, value_bytes, images);
+    let usable = budget - budget / 10;
+    let per = vision_bytes_per_image(c, value_bytes);
+    if resident + per > usable {
+        return Err(Error::invalid(format!(
+            "--max-memory {:.2} GiB is too small: the weights and cached features of {images} images take {:.2} GiB, and one image's activations {:.1} MiB more",
+            budget as f64 / (1u64 << 30) as f64,
+            resident as f64 / (1u64 << 30) as f64,
+            per as f64 / (1u64 << 20) as f64
+        )));
+    }
+    Ok(requested.clamp(1, (usable - resident) / per))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_bytes("24G").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("24gb").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        for bad in ["", "G", "-1G", "lots", "0"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_shrinks_to_the_budget_and_fails_when_nothing_fits() {
+        let c = crate::model::random::preset("vit-l-14").unwrap();
+        let params = 428_000_000;
+        let per = vision_bytes_per_image(&c, 2);
+        let resident = resident_bytes(&c, params, 2, 1000);
+        let budget = 24usize << 30;
+        let b = fit_batch(&c, params, 2, 1000, 100_000, budget).unwrap();
+        assert!(b >= 1 && resident + b * per <= budget - budget / 10);
+        assert!(resident + (b + 1) * per > budget - budget / 10);
+        assert_eq!(fit_batch(&c, params, 2, 1000, 32, budget).unwrap(), 32);
+        assert!(fit_batch(&c, params, 2, 1000, 32, 1 << 30).is_err());
+    }
+}
