@@ -1,6 +1,7 @@
 // Token assembly: patchify, vision tokens, text tokens and row gathers. One thread per output
 // element (grid-stride). CPU twins: `CpuBackend::{patchify, vision_tokens, text_tokens,
 // gather_rows}`; indices (token ids, rows) are checked on the host before the launch.
+// `*_to_f32_*`: the tokens start the residual stream, kept in f32 with bf16 / f16 storage.
 #include "common.cuh"
 
 #define SETAR_GRID_STRIDE(i, n)                                                               \
@@ -33,9 +34,9 @@ __device__ __forceinline__ void patchify_impl(const T* px, T* out, int batch, in
 
 // patches [batch·(tokens−1), dim] → out [batch·tokens, dim]: class embedding first, then the
 // patches, each plus its position embedding.
-template <typename T>
+template <typename T, typename TO>
 __device__ __forceinline__ void vision_tokens_impl(const T* patches, const T* cls, const T* pos,
-                                                   T* out, int batch, int tokens, int dim) {
+                                                   TO* out, int batch, int tokens, int dim) {
     long long n = (long long)batch * tokens * dim;
     SETAR_GRID_STRIDE(o, n) {
         int d = (int)(o % dim);
@@ -44,14 +45,14 @@ __device__ __forceinline__ void vision_tokens_impl(const T* patches, const T* cl
         long long b = bt / tokens;
         float v = t == 0 ? to_float(cls[d])
                          : to_float(patches[(b * (tokens - 1) + (t - 1)) * dim + d]);
-        out[o] = from_float<T>(v + to_float(pos[(long long)t * dim + d]));
+        out[o] = from_float<TO>(v + to_float(pos[(long long)t * dim + d]));
     }
 }
 
 // ids [rows] (rows = batch·seq) → out [rows, dim] = table[id] + pos[row % seq].
-template <typename T>
+template <typename T, typename TO>
 __device__ __forceinline__ void text_tokens_impl(const unsigned int* ids, const T* table,
-                                                 const T* pos, T* out, long long rows, int seq,
+                                                 const T* pos, TO* out, long long rows, int seq,
                                                  int dim) {
     long long n = rows * dim;
     SETAR_GRID_STRIDE(o, n) {
@@ -60,7 +61,7 @@ __device__ __forceinline__ void text_tokens_impl(const unsigned int* ids, const 
         int t = (int)(r % seq);
         float v = to_float(table[(long long)ids[r] * dim + d]) +
                   to_float(pos[(long long)t * dim + d]);
-        out[o] = from_float<T>(v);
+        out[o] = from_float<TO>(v);
     }
 }
 
@@ -84,12 +85,22 @@ __device__ __forceinline__ void gather_rows_impl(const T* x, const long long* ro
     extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
         vision_tokens_##S(const T* patches, const T* cls, const T* pos, T* out, int batch,    \
                           int tokens, int dim) {                                              \
-        vision_tokens_impl<T>(patches, cls, pos, out, batch, tokens, dim);                    \
+        vision_tokens_impl<T, T>(patches, cls, pos, out, batch, tokens, dim);                 \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
+        vision_tokens_to_f32_##S(const T* patches, const T* cls, const T* pos, float* out,    \
+                                 int batch, int tokens, int dim) {                            \
+        vision_tokens_impl<T, float>(patches, cls, pos, out, batch, tokens, dim);             \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
         text_tokens_##S(const unsigned int* ids, const T* table, const T* pos, T* out,        \
                         long long rows, int seq, int dim) {                                   \
-        text_tokens_impl<T>(ids, table, pos, out, rows, seq, dim);                            \
+        text_tokens_impl<T, T>(ids, table, pos, out, rows, seq, dim);                         \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
+        text_tokens_to_f32_##S(const unsigned int* ids, const T* table, const T* pos,         \
+                               float* out, long long rows, int seq, int dim) {                \
+        text_tokens_impl<T, float>(ids, table, pos, out, rows, seq, dim);                     \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
         gather_rows_##S(const T* x, const long long* rows, T* out, long long n, int dim) {    \

@@ -93,3 +93,26 @@ extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
         o[4] = st;
     }
 }
+
+// Per image i of `images`, over its `patches` rows of `stats` (row_stats_f32's output, rows of
+// 5 doubles): the sum of the entropies of its OOD patches (label rank >= top_k), their number,
+// and the number of rows whose statistics are not finite. One thread per image.
+// CPU twin: `backend::row_stats::ood_sums_host`.
+extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
+    ood_sums_f32(const double* stats, int images, int patches, int top_k, double* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= images) return;
+    double h = 0.0;
+    int n = 0, bad = 0;
+    for (int p = 0; p < patches; ++p) {
+        const double* s = stats + ((long long)i * patches + p) * 5;
+        bad += !isfinite(s[1]) || !isfinite(s[3]) || !isfinite(s[4]);
+        if (s[2] >= (double)top_k) {
+            h += s[3];
+            ++n;
+        }
+    }
+    out[i * 3] = h;
+    out[i * 3 + 1] = (double)n;
+    out[i * 3 + 2] = (double)bad;
+}

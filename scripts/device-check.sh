@@ -113,7 +113,7 @@ def load(name):
         return json.load(open(os.path.join(out, name)))
     except Exception as e:
         return {"error": f"{name}: {e}"}
-ours, hf, peer = load("setar.json"), load("hf.json"), load("peer_search.json")
+ours, hf, speer = load("setar.json"), load("hf.json"), load("peer_search.json")
 L = [f"# CUDA device check ({(ours.get('devices') or ['?'])[0]}, {hf.get('peer', '?')})", ""]
 L += [f"Image tower, ViT-B/16 random weights (real layout), 224 px, batch {batch}, global features.", "",
       "| dtype | setar-engine img/s (end to end) | setar-engine img/s (pixels on device) | TFLOP/s | HF img/s | ratio (device-resident / HF) |",
@@ -138,12 +138,12 @@ L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, f
 bf = tower.get("bf16", {})
 if isinstance(g_torch, float) and "tflops_device_resident" in bf:
     L.append(f"Image tower bf16 at {bf['tflops_device_resident'] / g_torch:.0%} of the measured torch bf16 GEMM rate (target ≥ 50%).")
-L += ["", "Parity, CUDA vs CPU f32, worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
-      "| checkpoint | " + " | ".join(["f32", "bf16", "f16"]) + " |", "|---|---|---|---|"]
+L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless said), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
+      "| checkpoint | " + " | ".join(["f32", "bf16", "f16", "bf16, bf16 residual stream"]) + " |", "|---|---|---|---|---|"]
 for name, r in ours.get("parity", {}).items():
     if "error" in r:
         L.append(f"| {name} | ERROR {r['error']} | | |"); continue
-    cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in ["f32", "bf16", "f16"]]
+    cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in ["f32", "bf16", "f16", "bf16_narrow_residual"]]
     L.append(f"| {name} | " + " | ".join(cells) + " |")
 search = ours.get("search", {})
 L += ["", "SeTAR search, random ViT-B/16 (real layout), synthetic validation data, visual_text over mlp.fc1, 24 steps x 9 ratios, LoCoOp (lambda 0.1, K 300):", ""]
@@ -161,15 +161,15 @@ for d, r in search.items():
     sc = r.get("scoring", {})
     if "img_per_s" in sc:
         L.append(f"- scoring (tower + local features + MCM & GL-MCM), {d}: {sc['images']} images in {sc['seconds']:.2f} s = {sc['img_per_s']:.0f} img/s")
-    if "seconds_full_search" in peer:
-        how = "measured" if peer["complete"] else f"estimated from {peer['candidates_done']} of {peer['candidates_total']} candidates ({peer['seconds_per_candidate']:.3f} s each)"
-        L.append(f"- PyTorch peer ({peer['dtype']}): {peer['seconds_full_search']:.1f} s {how}; SVDs {peer['svd_seconds']:.2f} s; "
-                 f"speed-up {peer['seconds_full_search'] / s['seconds']:.1f}x")
-        n = len(peer.get("chosen_ratios", []))
-        same = sum(a == b for a, b in zip(peer.get("chosen_ratios", []), s["chosen_ratios"]))
+    if "seconds_full_search" in speer:
+        how = "measured" if speer["complete"] else f"estimated from {speer['candidates_done']} of {speer['candidates_total']} candidates ({speer['seconds_per_candidate']:.3f} s each)"
+        L.append(f"- PyTorch peer ({speer['dtype']}): {speer['seconds_full_search']:.1f} s {how}; SVDs {speer['svd_seconds']:.2f} s; "
+                 f"speed-up {speer['seconds_full_search'] / s['seconds']:.1f}x")
+        n = len(speer.get("chosen_ratios", []))
+        same = sum(a == b for a, b in zip(speer.get("chosen_ratios", []), s["chosen_ratios"]))
         L.append(f"- decisions: {same} of the peer's {n} completed steps chose the same ratio as ours")
-    elif "error" in peer:
-        L.append(f"- PyTorch peer: ERROR {peer['error']}")
+    elif "error" in speer:
+        L.append(f"- PyTorch peer: ERROR {speer['error']}")
 mem = ours.get("memory", {})
 if mem:
     m = mem.get("clip_l14_24GiB", {})

@@ -82,6 +82,18 @@ pub trait Backend: Send + Sync {
         beta: &Self::Weight,
         eps: f32,
     ) -> Result<Self::Tensor>;
+    /// A LayerNorm whose output starts the residual stream (the vision pre-LN): a backend
+    /// may keep it wider than its storage dtype. Default: [`Backend::layer_norm`].
+    fn layer_norm_stream(
+        &self,
+        x: &Self::Tensor,
+        dim: usize,
+        gamma: &Self::Weight,
+        beta: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.layer_norm(x, dim, gamma, beta, eps)
+    }
     fn activate(&self, x: &mut Self::Tensor, act: Activation) -> Result<()>;
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// softmax(q·kᵀ / √head_dim + mask) · v, per sequence and head.
@@ -174,6 +186,24 @@ pub trait Backend: Send + Sync {
         cpu::linear_into(&x, rows, &text, None, classes, dim, &mut logits);
         logits.iter_mut().for_each(|v| *v *= scale);
         row_stats::row_stats_host(&logits, classes, labels, rows_per_label, temperature)
+    }
+
+    /// Per image, the [`row_stats::OodSums`] of its `patches` local rows of logits
+    /// `scale · x · textᵀ` against `labels[image]` and `top_k`: three numbers per image leave
+    /// the backend. Default: [`Backend::logit_row_stats`], then [`row_stats::ood_sums_host`].
+    #[allow(clippy::too_many_arguments)]
+    fn logit_ood_sums(
+        &self,
+        x: &Self::Tensor,
+        text: &Self::Tensor,
+        dim: usize,
+        scale: f32,
+        labels: &[usize],
+        patches: usize,
+        top_k: usize,
+    ) -> Result<Vec<row_stats::OodSums>> {
+        let stats = self.logit_row_stats(x, text, dim, scale, labels, patches, 1.0)?;
+        Ok(row_stats::ood_sums_host(&stats, patches, top_k))
     }
 
     /// W' = `w[out, in]` − `su[:rank]ᵀ · vt[:rank]` (a low-rank setting's weight) computed by

@@ -98,3 +98,30 @@ pub fn row_stats_host(
         )
         .collect())
 }
+
+/// Per image, what the LoCoOp loss needs of its local rows: the entropies of its OOD patches
+/// (label rank ≥ K) summed, their number, and how many rows had non-finite statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OodSums {
+    pub entropy_sum: f64,
+    pub ood_patches: usize,
+    pub non_finite: usize,
+}
+
+/// The CPU twin of `ood_sums_f32`: `stats` holds `patches` consecutive rows per image.
+pub fn ood_sums_host(stats: &[RowStats], patches: usize, top_k: usize) -> Vec<OodSums> {
+    stats
+        .chunks(patches.max(1))
+        .map(|rows| {
+            let mut o = OodSums::default();
+            for s in rows {
+                o.non_finite += !s.is_finite() as usize;
+                if s.label_rank >= top_k {
+                    o.entropy_sum += s.entropy;
+                    o.ood_patches += 1;
+                }
+            }
+            o
+        })
+        .collect()
+}

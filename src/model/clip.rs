@@ -380,7 +380,8 @@ impl<B: Backend> Clip<B> {
             &self.vision.positions,
             vc.tower.hidden,
         )?;
-        self.norm(&tokens, vc.tower.hidden, &self.vision.pre_ln, vc.tower.eps)
+        let ln = &self.vision.pre_ln;
+        b.layer_norm_stream(&tokens, vc.tower.hidden, &ln.gamma, &ln.beta, vc.tower.eps)
     }
 
     /// Runs vision blocks `layers` (all but the last block, which `vision_head` runs).
@@ -496,8 +497,12 @@ impl<B: Backend> Clip<B> {
                 .collect();
             let m = patch_rows.len();
             let vp = b.gather_rows(&v, cfg.hidden, &patch_rows)?;
-            let mut val = self.target_linear(&vp, m, &block.o, t(WeightType::O), ov)?;
-            b.add_assign(&mut val, &b.gather_rows(h, cfg.hidden, &patch_rows)?)?;
+            // The patches' residual rows (the stream's dtype) plus their value path.
+            let mut val = b.gather_rows(h, cfg.hidden, &patch_rows)?;
+            b.add_assign(
+                &mut val,
+                &self.target_linear(&vp, m, &block.o, t(WeightType::O), ov)?,
+            )?;
             self.mlp_residual(&mut val, m, Tower::Visual, layer, ov)?;
             let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
             Some(self.target_linear(&val, m, &self.vision.projection, proj, ov)?)

@@ -80,6 +80,9 @@ pub struct Engine<'a, B: Backend> {
     image_cache: Option<(u64, Arc<ImageFeatureSet<B::Tensor>>)>,
     text_version: u64,
     vision_version: u64,
+    /// Per chunk, the vision tower's input tokens (patch + position embeddings, pre-LN): no
+    /// setting touches them, so the pixels go to the backend once per search, not per step.
+    embedded: Vec<B::Tensor>,
 }
 
 fn owned(v: Vec<f32>) -> F32Data {
@@ -105,6 +108,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             image_cache: None,
             text_version: 0,
             vision_version: 0,
+            embedded: Vec::new(),
         }
     }
 
@@ -276,6 +280,22 @@ impl<'a, B: Backend> Engine<'a, B> {
         &self.data.pixels[r.start * per..r.end * per]
     }
 
+    /// Embeds every chunk's pixels once (see `embedded`).
+    fn embed_chunks(&mut self) -> Result<()> {
+        if self.embedded.is_empty() {
+            for r in self.chunks() {
+                let e = self.model.vision_embed(self.pixels(&r), r.len())?;
+                self.embedded.push(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh copy of chunk `ci`'s input tokens, to run layers on.
+    fn tokens(&self, ci: usize) -> Result<B::Tensor> {
+        self.model.backend.duplicate(&self.embedded[ci])
+    }
+
     fn classes(&self) -> usize {
         self.data.prompts.count
     }
@@ -328,13 +348,14 @@ impl<'a, B: Backend> Engine<'a, B> {
                 return Ok(f.clone());
             }
         }
+        self.embed_chunks()?;
         let ov = self.base_overrides();
         let layers = self.layers(Tower::Visual);
         let mut chunks = Vec::new();
-        for r in self.chunks() {
+        for (ci, r) in self.chunks().into_iter().enumerate() {
             bar.set_message(format!("image features {}/{}", r.end, self.data.len()));
             let n = r.len();
-            let mut h = self.model.vision_embed(self.pixels(&r), n)?;
+            let mut h = self.tokens(ci)?;
             self.model.vision_layers(&mut h, n, 0..layers - 1, &ov)?;
             chunks.push(self.head_features(&h, n, &ov)?);
         }
@@ -431,12 +452,13 @@ impl<'a, B: Backend> Engine<'a, B> {
         match target.tower {
             Tower::Visual => {
                 let text = self.text_features()?;
+                self.embed_chunks()?;
                 let layers = self.layers(Tower::Visual);
                 let start = target.layer.unwrap_or(layers - 1);
                 let base = self.base_overrides();
-                for r in self.chunks() {
+                for (ci, r) in self.chunks().into_iter().enumerate() {
                     let n = r.len();
-                    let mut h = self.model.vision_embed(self.pixels(&r), n)?;
+                    let mut h = self.tokens(ci)?;
                     self.model.vision_layers(&mut h, n, 0..start, &base)?;
                     let memo = DeltaMemo::default();
                     for (ci, &rank) in ranks.iter().enumerate() {

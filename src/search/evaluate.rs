@@ -176,60 +176,88 @@ pub fn eval_on_backend<B: Backend>(
     } else {
         labels.to_vec()
     };
-    let l = b.logit_row_stats(local, text, dim, scale, &ood_labels, patches, t)?;
-    if let Some(i) = g.iter().chain(&l).position(|s| !s.is_finite()) {
-        return Err(Error::invalid(format!(
-            "image features hold a non-finite value (logit row {i}): the model produced NaN/inf"
-        )));
+    if let Some(i) = g.iter().position(|s| !s.is_finite()) {
+        return Err(non_finite(i));
     }
     let metric = !matches!(
         cfg.objective,
         Objective::LocoopLoss | Objective::LossId | Objective::LossOod
     );
+    let top_k = cfg.locoop.top_k;
+    let global_stats = |i: usize, label: usize, entropy_sum: f64, ood_patches: usize| ImageStats {
+        ce: g[i].cross_entropy,
+        entropy_sum,
+        ood_patches,
+        patches,
+        correct: g[i].argmax == label,
+    };
+    if !metric {
+        // The loss needs three numbers per image of the local rows.
+        let sums = b.logit_ood_sums(local, text, dim, scale, &ood_labels, patches, top_k)?;
+        if let Some(i) = sums.iter().position(|s| s.non_finite > 0) {
+            return Err(non_finite(i));
+        }
+        return Ok(labels
+            .iter()
+            .zip(&sums)
+            .enumerate()
+            .map(|(i, (&label, s))| ImageEval {
+                stats: global_stats(i, label, s.entropy_sum, s.ood_patches),
+                ..Default::default()
+            })
+            .collect());
+    }
+    let l = b.logit_row_stats(local, text, dim, scale, &ood_labels, patches, t)?;
+    if let Some(i) = l.iter().position(|s| !s.is_finite()) {
+        return Err(non_finite(i / patches.max(1)));
+    }
     Ok(labels
         .iter()
         .enumerate()
         .map(|(i, &label)| {
             let gi = &g[i];
             let li = &l[i * patches..(i + 1) * patches];
-            let ood = |s: &&RowStats| s.label_rank >= cfg.locoop.top_k;
+            let ood = |s: &&RowStats| s.label_rank >= top_k;
             let mut e = ImageEval {
-                stats: ImageStats {
-                    ce: gi.cross_entropy,
-                    entropy_sum: li.iter().filter(ood).map(|s| s.entropy).sum(),
-                    ood_patches: li.iter().filter(ood).count(),
-                    patches,
-                    correct: gi.argmax == label,
-                },
+                stats: global_stats(
+                    i,
+                    label,
+                    li.iter().filter(ood).map(|s| s.entropy).sum(),
+                    li.iter().filter(ood).count(),
+                ),
                 ..Default::default()
             };
-            if metric {
-                // The scores of score.rs from Σ exp((x − max)/T): MCM = −1/Σ, L-MCM = −max over
-                // patches of 1/Σ, GL-MCM = MCM + L-MCM; OOD patches likewise among themselves.
-                let l_mcm = -li
-                    .iter()
-                    .map(RowStats::max_prob)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let mcm = -gi.max_prob();
-                e.id_score = match cfg.scorer {
-                    Scorer::LMcm => l_mcm,
-                    Scorer::GlMcm => mcm + l_mcm,
-                    _ => mcm,
-                };
-                let ood_probs: Vec<f64> = li.iter().filter(ood).map(RowStats::max_prob).collect();
-                let ood_l_mcm = -ood_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                e.ood_scores = ood_probs
-                    .iter()
-                    .map(|p| match cfg.scorer {
-                        Scorer::LMcm => ood_l_mcm,
-                        Scorer::GlMcm => -p + ood_l_mcm,
-                        _ => -p,
-                    })
-                    .collect();
-            }
+            // The scores of score.rs from Σ exp((x − max)/T): MCM = −1/Σ, L-MCM = −max over
+            // patches of 1/Σ, GL-MCM = MCM + L-MCM; OOD patches likewise among themselves.
+            let l_mcm = -li
+                .iter()
+                .map(RowStats::max_prob)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mcm = -gi.max_prob();
+            e.id_score = match cfg.scorer {
+                Scorer::LMcm => l_mcm,
+                Scorer::GlMcm => mcm + l_mcm,
+                _ => mcm,
+            };
+            let ood_probs: Vec<f64> = li.iter().filter(ood).map(RowStats::max_prob).collect();
+            let ood_l_mcm = -ood_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            e.ood_scores = ood_probs
+                .iter()
+                .map(|p| match cfg.scorer {
+                    Scorer::LMcm => ood_l_mcm,
+                    Scorer::GlMcm => -p + ood_l_mcm,
+                    _ => -p,
+                })
+                .collect();
             e
         })
         .collect())
+}
+
+fn non_finite(image: usize) -> Error {
+    Error::invalid(format!(
+        "image features hold a non-finite value (image {image} of the chunk): the model produced NaN/inf"
+    ))
 }
 
 /// Reduces per-image evaluations (in dataset order) to the objective.

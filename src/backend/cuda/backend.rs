@@ -6,7 +6,7 @@ use super::gemm::{Batched, Gemm, GemmPath};
 use super::kernels::{Arg, Kernels, Launch};
 use super::DType;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::row_stats::{self, RowStats};
+use crate::backend::row_stats::{self, OodSums, RowStats};
 use crate::backend::{AttentionMask, AttentionShape, Backend};
 use crate::config::Activation;
 use crate::error::{Error, Result};
@@ -38,6 +38,11 @@ pub struct CudaOptions {
     /// Time each op (synchronising around it) and keep the totals (also set by
     /// `SETAR_CUDA_PROFILE=1`; see [`CudaBackend::profile`]).
     pub profile: bool,
+    /// With bf16 / f16 storage, keep the residual stream (the hidden states the blocks add
+    /// into) in f32: tokens, residual adds and the LayerNorms' inputs; GEMM operands stay in
+    /// the storage dtype. About halves the error against f32 (`SETAR_CUDA_NARROW_RESIDUAL=1`
+    /// stores it in the storage dtype, as HF's bf16 models do).
+    pub wide_residual: bool,
 }
 
 impl CudaOptions {
@@ -49,6 +54,7 @@ impl CudaOptions {
             sync_each_op: std::env::var("SETAR_CUDA_SYNC").is_ok_and(|v| v == "1"),
             max_memory: None,
             profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
+            wide_residual: !std::env::var("SETAR_CUDA_NARROW_RESIDUAL").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -204,6 +210,94 @@ impl CudaBackend {
         }
     }
 
+    /// Row statistics of the logits `scale · x · textᵀ`, left on the device: `rows × 5`
+    /// doubles (kernels/rowstats.cu). The logits are made a bounded number of rows at a time
+    /// (whole label groups) by one GEMM into f32 (alpha = scale), then `row_stats_f32`.
+    #[allow(clippy::too_many_arguments)]
+    fn row_stats_on_device(
+        &self,
+        x: &CudaTensor,
+        text: &CudaTensor,
+        dim: usize,
+        scale: f32,
+        labels: &[usize],
+        rows_per_label: usize,
+        temperature: f64,
+    ) -> Result<(IndexBuffer, usize)> {
+        if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
+            return Err(Error::invalid(format!(
+                "logit statistics: {} and {} values are not rows of {dim}",
+                x.len(),
+                text.len()
+            )));
+        }
+        self.storage("image features", x)?;
+        self.storage("text features", text)?;
+        let (rows, classes) = (x.len() / dim, text.len() / dim);
+        row_stats::check_labels(rows, classes, labels, rows_per_label)?;
+        if temperature.is_nan() || temperature <= 0.0 {
+            return Err(Error::invalid(format!(
+                "temperature must be > 0, got {temperature}"
+            )));
+        }
+        let out = self.dev.alloc_raw(rows * 5 * 8)?;
+        if rows == 0 {
+            return Ok((out, 0));
+        }
+        let groups_per_chunk = (LOGIT_CHUNK / (classes * rows_per_label)).max(1);
+        let chunk_rows = groups_per_chunk * rows_per_label;
+        let logits = self.dev.alloc(chunk_rows.min(rows) * classes, DType::F32)?;
+        let label_ids: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+        let dev_labels = self.dev.upload_indices(&label_ids)?;
+        let d = self.opts.dtype;
+        for start in (0..rows).step_by(chunk_rows) {
+            let n = chunk_rows.min(rows - start);
+            // Column-major: logits' (classes × n) = scale · T'ᵀ (classes × dim) · X' (dim × n).
+            self.gemm.batched(
+                &self.dev,
+                &Batched {
+                    transa: true,
+                    transb: false,
+                    m: classes,
+                    n,
+                    k: dim,
+                    alpha: scale,
+                    a: text.ptr(),
+                    a_type: d,
+                    lda: dim,
+                    stride_a: 0,
+                    b: x.buf.ptr_at(start * dim),
+                    b_type: d,
+                    ldb: dim,
+                    stride_b: 0,
+                    beta: 0.0,
+                    c: logits.ptr(),
+                    c_type: DType::F32,
+                    ldc: classes,
+                    stride_c: 0,
+                    batch: 1,
+                },
+            )?;
+            self.after("logits GEMM")?;
+            self.kernels.launch(
+                &self.dev,
+                "row_stats_f32",
+                Launch::rows(n as u64)?,
+                &[
+                    Arg::Ptr(logits.ptr()),
+                    Arg::Ptr(dev_labels.ptr() + (start / rows_per_label * 4) as u64),
+                    Arg::I32(i32_of("rows per label", rows_per_label)?),
+                    Arg::I32(i32_of("rows", n)?),
+                    Arg::I32(i32_of("classes", classes)?),
+                    Arg::F32((1.0 / temperature) as f32),
+                    Arg::Ptr(out.ptr() + (start * 5 * 8) as u64),
+                ],
+            )?;
+            self.after("row_stats_f32")?;
+        }
+        Ok((out, rows))
+    }
+
     /// Peak bytes held by our buffers since the last [`CudaBackend::reset_peak_memory`].
     pub fn peak_memory(&self) -> usize {
         self.dev.memory_in_use().1
@@ -271,17 +365,77 @@ impl CudaBackend {
 
     /// A new tensor of `len` values (NaN when poisoning).
     pub fn empty(&self, len: usize) -> Result<CudaTensor> {
+        self.empty_of(len, self.opts.dtype)
+    }
+
+    fn empty_of(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
         Ok(CudaTensor {
-            buf: self.dev.alloc(len, self.opts.dtype)?,
+            buf: self.dev.alloc(len, dtype)?,
         })
     }
 
+    /// The dtype of the residual stream: f32 when widened, else the storage dtype.
+    fn stream_dtype(&self) -> DType {
+        if self.opts.wide_residual {
+            DType::F32
+        } else {
+            self.opts.dtype
+        }
+    }
+
+    /// `op` for the storage dtype, or its `_to_f32` form when the stream is widened.
+    fn to_stream(&self, op: &str) -> String {
+        if self.stream_dtype() == DType::F32 && self.opts.dtype != DType::F32 {
+            format!("{op}_to_f32")
+        } else {
+            op.to_string()
+        }
+    }
+
+    /// An error unless `t` holds the storage dtype (GEMM operands).
+    fn storage(&self, what: &str, t: &CudaTensor) -> Result<()> {
+        if t.dtype() != self.opts.dtype {
+            return Err(Error::invalid(format!(
+                "{what}: a {} tensor where the backend's {} was expected",
+                t.dtype(),
+                self.opts.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    /// Host f32 → a tensor of the storage dtype. bf16 / f16 are rounded on the host (round
+    /// to nearest even, as the `half` crate and our `cast_from_f32` kernel do), so half the
+    /// bytes cross the bus (pixel uploads are bandwidth-bound).
     fn upload_f32(&self, data: &[f32]) -> Result<CudaTensor> {
+        use rayon::prelude::*;
+        let d = self.opts.dtype;
+        let buf = match d {
+            DType::F32 => self.dev.upload(data, DType::F32)?,
+            DType::BF16 => {
+                let bits: Vec<u16> = data
+                    .par_iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
+                self.dev.upload(&bits, d)?
+            }
+            DType::F16 => {
+                let bits: Vec<u16> = data
+                    .par_iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                self.dev.upload(&bits, d)?
+            }
+        };
+        Ok(CudaTensor { buf })
+    }
+
+    /// The same as the upload of [`Backend::tensor`], but rounding on the device: f32 across
+    /// the bus, then `cast_from_f32` (twice the bytes; for checking the two agree).
+    pub fn upload_f32_cast_on_device(&self, data: &[f32]) -> Result<CudaTensor> {
         let d = self.opts.dtype;
         if d == DType::F32 {
-            return Ok(CudaTensor {
-                buf: self.dev.upload(data, DType::F32)?,
-            });
+            return self.upload_f32(data);
         }
         let staging = self.dev.upload(data, DType::F32)?;
         let out = self.empty(data.len())?;
@@ -611,7 +765,7 @@ impl Backend for CudaBackend {
 
     fn duplicate(&self, t: &CudaTensor) -> Result<CudaTensor> {
         self.profiled("copy", || {
-            let out = self.empty(t.len())?;
+            let out = self.empty_of(t.len(), t.dtype())?;
             self.dev.copy(&t.buf, &out.buf)?;
             Ok(out)
         })
@@ -627,6 +781,7 @@ impl Backend for CudaBackend {
         in_dim: usize,
     ) -> Result<CudaTensor> {
         self.profiled("linear", || {
+            self.storage("linear input", x)?;
             check_len("linear input", x.len(), rows * in_dim)?;
             check_len("linear weight", w.len(), out_dim * in_dim)?;
             if let Some(b) = bias {
@@ -680,9 +835,61 @@ impl Backend for CudaBackend {
             check_len("layer norm bias", beta.len(), dim)?;
             let rows = x.len() / dim;
             let out = self.empty(x.len())?;
+            let op = match (x.dtype(), self.opts.dtype) {
+                (a, b) if a == b => "layer_norm",
+                (DType::F32, _) => "layer_norm_from_f32",
+                (a, b) => {
+                    return Err(Error::invalid(format!(
+                        "layer norm of a {a} tensor on a {b} backend"
+                    )))
+                }
+            };
             if rows > 0 {
                 self.launch(
-                    "layer_norm",
+                    op,
+                    Launch::rows(rows as u64)?,
+                    &[
+                        Arg::Ptr(x.ptr()),
+                        Arg::Ptr(gamma.ptr()),
+                        Arg::Ptr(beta.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32(i32_of("rows", rows)?),
+                        Arg::I32(i32_of("dim", dim)?),
+                        Arg::F32(eps),
+                    ],
+                )?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// The vision pre-LN, whose output starts the residual stream: f32 when widened.
+    fn layer_norm_stream(
+        &self,
+        x: &CudaTensor,
+        dim: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        if self.stream_dtype() == self.opts.dtype {
+            return self.layer_norm(x, dim, gamma, beta, eps);
+        }
+        self.profiled("layer_norm", || {
+            if dim == 0 || x.len() % dim != 0 || x.dtype() != DType::F32 {
+                return Err(Error::invalid(format!(
+                    "stream layer norm: {} {} values are not f32 rows of {dim}",
+                    x.len(),
+                    x.dtype()
+                )));
+            }
+            check_len("layer norm weight", gamma.len(), dim)?;
+            check_len("layer norm bias", beta.len(), dim)?;
+            let rows = x.len() / dim;
+            let out = self.empty_of(x.len(), DType::F32)?;
+            if rows > 0 {
+                self.launch(
+                    "layer_norm_f32_to_f32",
                     Launch::rows(rows as u64)?,
                     &[
                         Arg::Ptr(x.ptr()),
@@ -714,11 +921,22 @@ impl Backend for CudaBackend {
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         self.profiled("residual add", || {
             check_len("residual", y.len(), x.len())?;
+            self.storage("residual add's block output", y)?;
+            let op = match x.dtype() {
+                d if d == y.dtype() => "add_assign",
+                DType::F32 => "add_assign_into_f32",
+                d => {
+                    return Err(Error::invalid(format!(
+                        "residual add of {} into a {d} tensor",
+                        y.dtype()
+                    )))
+                }
+            };
             if x.is_empty() {
                 return Ok(());
             }
             self.launch(
-                "add_assign",
+                op,
                 Launch::elementwise(x.len() as u64),
                 &[
                     Arg::Ptr(x.ptr()),
@@ -891,10 +1109,11 @@ impl Backend for CudaBackend {
                 patches.len(),
                 batch * (tokens - 1) * dim,
             )?;
-            let out = self.empty(batch * tokens * dim)?;
+            self.storage("patch embeddings", patches)?;
+            let out = self.empty_of(batch * tokens * dim, self.stream_dtype())?;
             if !out.is_empty() {
                 self.launch(
-                    "vision_tokens",
+                    &self.to_stream("vision_tokens"),
                     Launch::elementwise(out.len() as u64),
                     &[
                         Arg::Ptr(patches.ptr()),
@@ -935,7 +1154,7 @@ impl Backend for CudaBackend {
                     positions.len() / dim
                 )));
             }
-            let out = self.empty(ids.len() * dim)?;
+            let out = self.empty_of(ids.len() * dim, self.stream_dtype())?;
             if ids.is_empty() {
                 return Ok(out);
             }
@@ -944,7 +1163,7 @@ impl Backend for CudaBackend {
             }
             let dev_ids = self.dev.upload_indices(ids)?;
             self.launch(
-                "text_tokens",
+                &self.to_stream("text_tokens"),
                 Launch::elementwise(out.len() as u64),
                 &[
                     Arg::Ptr(dev_ids.ptr()),
@@ -1027,14 +1246,17 @@ impl Backend for CudaBackend {
             if let Some(&r) = rows.iter().find(|&&r| r >= n) {
                 return Err(Error::invalid(format!("row {r} out of {n}")));
             }
-            let out = self.empty(rows.len() * dim)?;
+            // Any dtype (residual-stream rows are f32 when widened).
+            let out = self.empty_of(rows.len() * dim, x.dtype())?;
             if rows.is_empty() {
                 return Ok(out);
             }
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
             let dev_rows = self.dev.upload_indices(&idx)?;
-            self.launch(
-                "gather_rows",
+            let name = format!("gather_rows_{}", x.dtype().name());
+            self.kernels.launch(
+                &self.dev,
+                &name,
                 Launch::elementwise(out.len() as u64),
                 &[
                     Arg::Ptr(x.ptr()),
@@ -1044,6 +1266,7 @@ impl Backend for CudaBackend {
                     Arg::I32(i32_of("dim", dim)?),
                 ],
             )?;
+            self.after(&name)?;
             Ok(out)
         })
     }
@@ -1052,9 +1275,6 @@ impl Backend for CudaBackend {
         self.profiled("l2 normalise", || self.l2_normalize_rows(x, dim))
     }
 
-    /// The logits of a bounded number of rows at a time (whole label groups) by one GEMM
-    /// into f32 (alpha = scale), then `row_stats_f32` (kernels/rowstats.cu) per row; only the
-    /// five numbers per row come back.
     fn logit_row_stats(
         &self,
         x: &CudaTensor,
@@ -1066,75 +1286,8 @@ impl Backend for CudaBackend {
         temperature: f64,
     ) -> Result<Vec<RowStats>> {
         self.profiled("logits + row stats", || {
-            if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
-                return Err(Error::invalid(format!(
-                    "logit statistics: {} and {} values are not rows of {dim}",
-                    x.len(),
-                    text.len()
-                )));
-            }
-            let (rows, classes) = (x.len() / dim, text.len() / dim);
-            row_stats::check_labels(rows, classes, labels, rows_per_label)?;
-            if temperature.is_nan() || temperature <= 0.0 {
-                return Err(Error::invalid(format!(
-                    "temperature must be > 0, got {temperature}"
-                )));
-            }
-            if rows == 0 {
-                return Ok(Vec::new());
-            }
-            let groups_per_chunk = (LOGIT_CHUNK / (classes * rows_per_label)).max(1);
-            let chunk_rows = groups_per_chunk * rows_per_label;
-            let logits = self.dev.alloc(chunk_rows.min(rows) * classes, DType::F32)?;
-            let label_ids: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-            let dev_labels = self.dev.upload_indices(&label_ids)?;
-            let out = self.dev.alloc_raw(rows * 5 * 8)?;
-            let d = self.opts.dtype;
-            for start in (0..rows).step_by(chunk_rows) {
-                let n = chunk_rows.min(rows - start);
-                // Column-major: logits' (classes × n) = scale · T'ᵀ (classes × dim) · X' (dim × n).
-                self.gemm.batched(
-                    &self.dev,
-                    &Batched {
-                        transa: true,
-                        transb: false,
-                        m: classes,
-                        n,
-                        k: dim,
-                        alpha: scale,
-                        a: text.ptr(),
-                        a_type: d,
-                        lda: dim,
-                        stride_a: 0,
-                        b: x.buf.ptr_at(start * dim),
-                        b_type: d,
-                        ldb: dim,
-                        stride_b: 0,
-                        beta: 0.0,
-                        c: logits.ptr(),
-                        c_type: DType::F32,
-                        ldc: classes,
-                        stride_c: 0,
-                        batch: 1,
-                    },
-                )?;
-                self.after("logits GEMM")?;
-                self.kernels.launch(
-                    &self.dev,
-                    "row_stats_f32",
-                    Launch::rows(n as u64)?,
-                    &[
-                        Arg::Ptr(logits.ptr()),
-                        Arg::Ptr(dev_labels.ptr() + (start / rows_per_label * 4) as u64),
-                        Arg::I32(i32_of("rows per label", rows_per_label)?),
-                        Arg::I32(i32_of("rows", n)?),
-                        Arg::I32(i32_of("classes", classes)?),
-                        Arg::F32((1.0 / temperature) as f32),
-                        Arg::Ptr(out.ptr() + (start * 5 * 8) as u64),
-                    ],
-                )?;
-                self.after("row_stats_f32")?;
-            }
+            let (out, rows) =
+                self.row_stats_on_device(x, text, dim, scale, labels, rows_per_label, temperature)?;
             let raw: Vec<f64> = self.dev.download_raw(&out, rows * 5)?;
             Ok(raw
                 .chunks_exact(5)
@@ -1144,6 +1297,50 @@ impl Backend for CudaBackend {
                     label_rank: r[2] as usize,
                     entropy: r[3],
                     sum_exp_t: r[4],
+                })
+                .collect())
+        })
+    }
+
+    /// Row statistics on the device, then `ood_sums_f32` per image: three doubles per image
+    /// come back.
+    fn logit_ood_sums(
+        &self,
+        x: &CudaTensor,
+        text: &CudaTensor,
+        dim: usize,
+        scale: f32,
+        labels: &[usize],
+        patches: usize,
+        top_k: usize,
+    ) -> Result<Vec<OodSums>> {
+        self.profiled("logits + OOD sums", || {
+            let (stats, rows) =
+                self.row_stats_on_device(x, text, dim, scale, labels, patches, 1.0)?;
+            let images = rows / patches.max(1);
+            let out = self.dev.alloc_raw(images * 3 * 8)?;
+            if images > 0 {
+                self.kernels.launch(
+                    &self.dev,
+                    "ood_sums_f32",
+                    Launch::elementwise(images as u64),
+                    &[
+                        Arg::Ptr(stats.ptr()),
+                        Arg::I32(i32_of("images", images)?),
+                        Arg::I32(i32_of("patches", patches)?),
+                        Arg::I32(i32_of("top_k", top_k)?),
+                        Arg::Ptr(out.ptr()),
+                    ],
+                )?;
+                self.after("ood_sums_f32")?;
+            }
+            let raw: Vec<f64> = self.dev.download_raw(&out, images * 3)?;
+            Ok(raw
+                .chunks_exact(3)
+                .map(|r| OodSums {
+                    entropy_sum: r[0],
+                    ood_patches: r[1] as usize,
+                    non_finite: r[2] as usize,
                 })
                 .collect())
         })

@@ -84,7 +84,14 @@ pub const UNITS: &[Unit] = &[
     Unit {
         name: "embed",
         source: include_str!("../../../kernels/embed.cu"),
-        ops: &["patchify", "vision_tokens", "text_tokens", "gather_rows"],
+        ops: &[
+            "patchify",
+            "vision_tokens",
+            "vision_tokens_to_f32",
+            "text_tokens",
+            "text_tokens_to_f32",
+            "gather_rows",
+        ],
         dtypes: ALL,
     },
     Unit {
@@ -96,19 +103,19 @@ pub const UNITS: &[Unit] = &[
     Unit {
         name: "layernorm",
         source: include_str!("../../../kernels/layernorm.cu"),
-        ops: &["layer_norm"],
+        ops: &["layer_norm", "layer_norm_from_f32", "layer_norm_f32_to_f32"],
         dtypes: ALL,
     },
     Unit {
         name: "residual",
         source: include_str!("../../../kernels/residual.cu"),
-        ops: &["add_assign"],
+        ops: &["add_assign", "add_assign_into_f32"],
         dtypes: ALL,
     },
     Unit {
         name: "rowstats",
         source: include_str!("../../../kernels/rowstats.cu"),
-        ops: &["row_stats"],
+        ops: &["row_stats", "ood_sums"],
         dtypes: &[DType::F32],
     },
     Unit {

@@ -228,6 +228,30 @@ mod check {
             eprintln!("  {:<24} {dtype:>4}: {errs}", dir.display());
             out.insert(dtype.name().into(), errs);
         }
+        // bf16 with the residual stream in bf16 too (as HF's bf16 models keep it), to show
+        // what the f32 stream buys.
+        if dtypes.contains(&DType::BF16) {
+            use setar_engine::backend::cuda::CudaOptions;
+            let opts = CudaOptions {
+                wide_residual: false,
+                ..CudaOptions::new(DType::BF16)
+            };
+            let gpu = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)?;
+            let gi = gpu.encode_images(&pixels, images, true)?;
+            let gt = gpu.encode_text(&ids, &lengths, seq)?;
+            let gl = logits(&gi.embeds, &gt, p, gpu.logit_scale);
+            let errs = json!({
+                "image_embeds": rel_err(&gi.embeds, &ci.embeds),
+                "image_local_embeds": rel_err(gi.local.as_deref().unwrap_or(&[]), ci.local.as_deref().unwrap_or(&[])),
+                "text_embeds": rel_err(&gt, &ct),
+                "logits": rel_err(&gl, &cl),
+            });
+            eprintln!(
+                "  {:<24} bf16 (bf16 residual stream): {errs}",
+                dir.display()
+            );
+            out.insert("bf16_narrow_residual".into(), errs);
+        }
         out.insert("cpu_seconds".into(), json!(cpu_s));
         out.insert("images".into(), json!(images));
         out.insert("prompts".into(), json!(texts));
