@@ -31,7 +31,8 @@ BATCH=${BATCH:-256}
 REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
-DTYPES=${DTYPES:-f32,bf16,f16}
+DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+fused}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+fused}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 mkdir -p "$OUT"
@@ -82,11 +83,19 @@ else
   rc=$?
   tail -3 "$OUT/tests.log"
   [ $rc -eq 0 ] || { echo "GPU TESTS (NVRTC kernels) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
+  # The attention and whole-model tests again with the fused attention kernel on.
+  echo "== GPU tests again, fused attention (SETAR_CUDA_ATTENTION=fused)"
+  SETAR_CUDA_ATTENTION=fused SETAR_REQUIRE_CUDA=1 timeout 240 "$tests" attention models_match \
+    search_fixtures --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
+  rc=$?
+  tail -3 "$OUT/tests.log"
+  [ $rc -eq 0 ] || { echo "GPU TESTS (fused attention) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
 fi
 
 echo "== setar-engine device_check (parity + image tower, batch $BATCH)"
 timeout 420 .device/bin/device_check --model "$MODEL" --batch "$BATCH" --reps "$REPS" \
-  --dtypes "$DTYPES" --peer-dir "$PEER_DIR" --out "$OUT/setar.json" || { echo "device_check FAILED"; status=1; }
+  --dtypes "$DTYPES" --search-dtypes "$SEARCH_DTYPES" --peer-dir "$PEER_DIR" --out "$OUT/setar.json" \
+  || { echo "device_check FAILED"; status=1; }
 
 echo "== PyTorch peer (HF CLIPModel, sdpa)"
 if [ -f "$MODEL/model.safetensors" ]; then
@@ -114,21 +123,24 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 ours, hf, speer = load("setar.json"), load("hf.json"), load("peer_search.json")
+VARIANTS = []
+for r in ours.get("parity", {}).values():
+    VARIANTS += [k for k, v in r.items() if isinstance(v, dict) and k not in VARIANTS]
 L = [f"# CUDA device check ({(ours.get('devices') or ['?'])[0]}, {hf.get('peer', '?')})", ""]
 L += [f"Image tower, ViT-B/16 random weights (real layout), 224 px, batch {batch}, global features.", "",
       "| dtype | setar-engine img/s (end to end) | setar-engine img/s (pixels on device) | TFLOP/s | HF img/s | ratio (device-resident / HF) |",
       "|---|---|---|---|---|---|"]
 tower, peer = ours.get("image_tower", {}), hf.get("image_tower", {})
-for d in ["bf16", "f16", "f32"]:
+for d in tower:
     t = tower.get(d)
     if not t:
         continue
     if "error" in t:
         L.append(f"| {d} | ERROR {t['error']} | | | | |"); continue
-    p = peer.get(d, {}).get("img_per_s")
+    p = peer.get(d.split("+")[0], {}).get("img_per_s")
     ratio = f"{t['img_per_s_device_resident'] / p:.2f}x" if p else "–"
     L.append(f"| {d} | {t['img_per_s']:.0f} | {t['img_per_s_device_resident']:.0f} | {t['tflops_device_resident']:.0f} | {p and round(p) or '–'} | {ratio} |")
-for d in ["bf16", "f16", "f32"]:
+for d in tower:
     prof = tower.get(d, {}).get("profile")
     if prof:
         L.append(f"{d} op profile (one batch, synchronised per op): " + ", ".join(f"{p['op']} {p['ms']:.1f} ms x{p['calls']}" for p in prof))
@@ -138,12 +150,12 @@ L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, f
 bf = tower.get("bf16", {})
 if isinstance(g_torch, float) and "tflops_device_resident" in bf:
     L.append(f"Image tower bf16 at {bf['tflops_device_resident'] / g_torch:.0%} of the measured torch bf16 GEMM rate (target ≥ 50%).")
-L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless said), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
-      "| checkpoint | " + " | ".join(["f32", "bf16", "f16", "bf16, bf16 residual stream"]) + " |", "|---|---|---|---|---|"]
+L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless +narrow; +fused: fused attention kernel), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
+      "| checkpoint | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
 for name, r in ours.get("parity", {}).items():
     if "error" in r:
         L.append(f"| {name} | ERROR {r['error']} | | |"); continue
-    cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in ["f32", "bf16", "f16", "bf16_narrow_residual"]]
+    cells = [f"{max(r[d].values()):.1e}" if d in r else "–" for d in VARIANTS]
     L.append(f"| {name} | " + " | ".join(cells) + " |")
 search = ours.get("search", {})
 L += ["", "SeTAR search, random ViT-B/16 (real layout), synthetic validation data, visual_text over mlp.fc1, 24 steps x 9 ratios, LoCoOp (lambda 0.1, K 300):", ""]

@@ -554,6 +554,63 @@ fn attention_matches_cpu() {
     }
 }
 
+/// The fused tensor-core attention (kernels/attention.cu, bf16 / f16, head_dim 64) against
+/// the CPU on CLIP's shapes (197 patches + class token, the class token alone, 77 text tokens),
+/// awkward ones, and every mask.
+#[test]
+fn fused_attention_matches_cpu() {
+    let mut rng = Rng::new("fused attention");
+    let shapes = [
+        (3, 197, 197, 2, 64),
+        (2, 197, 1, 3, 64),
+        (4, 77, 77, 2, 64),
+        (2, 50, 50, 1, 64),
+        (1, 130, 70, 1, 64),
+        (3, 9, 9, 2, 64),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        if backend(dtype, GemmPath::Auto).is_none() {
+            return;
+        }
+        let opts = CudaOptions {
+            poison: true,
+            sync_each_op: true,
+            fused_attention: true,
+            ..CudaOptions::new(dtype)
+        };
+        let b = CudaBackend::with_options(0, opts).unwrap();
+        for (batch, seq, queries, heads, head_dim) in shapes {
+            let shape = AttentionShape {
+                batch,
+                seq,
+                queries,
+                heads,
+                head_dim,
+            };
+            let wd = shape.width();
+            let q = stored(dtype, &rng.vec(batch * queries * wd, -1.5, 1.5));
+            let k = stored(dtype, &rng.vec(batch * seq * wd, -1.5, 1.5));
+            let v = stored(dtype, &rng.vec(batch * seq * wd, -1.0, 1.0));
+            for (name, mask) in masks(batch, seq, &mut rng) {
+                let want = CpuBackend::new()
+                    .attention(&q, &k, &v, shape, &mask)
+                    .unwrap();
+                let got = b
+                    .attention(&up(&b, &q), &up(&b, &k), &up(&b, &v), shape, &mask)
+                    .unwrap();
+                check(
+                    &format!("fused attention {batch}x{seq} q{queries} h{heads} {name}"),
+                    dtype,
+                    &b.to_vec(&got).unwrap(),
+                    &want,
+                    // The probabilities are rounded to the storage dtype before P·V.
+                    2.0 * tol(dtype),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn patchify_and_vision_tokens_match_cpu() {
     let mut rng = Rng::new("patchify");
@@ -627,13 +684,26 @@ fn text_tokens_and_gather_rows_match_cpu() {
             &want,
             tol(dtype),
         );
-        let want_rows = cpu.gather_rows(&want, dim, &rows).unwrap();
+        // Gathers copy exactly: rows of the tokens (the residual stream's dtype, f32 when
+        // widened) and of a storage-dtype tensor.
+        let tokens = b.to_vec(&got).unwrap();
+        let want_rows = cpu.gather_rows(&tokens, dim, &rows).unwrap();
         let got_rows = b.gather_rows(&got, dim, &rows).unwrap();
         check(
-            "gather_rows",
+            "gather_rows (tokens)",
             dtype,
             &b.to_vec(&got_rows).unwrap(),
-            &stored(dtype, &want_rows),
+            &want_rows,
+            0.0,
+        );
+        let table_rows: Vec<usize> = (0..31).map(|_| rng.below(vocab)).collect();
+        let want_rows = cpu.gather_rows(&ts, dim, &table_rows).unwrap();
+        let got_rows = b.gather_rows(&tt, dim, &table_rows).unwrap();
+        check(
+            "gather_rows (storage dtype)",
+            dtype,
+            &b.to_vec(&got_rows).unwrap(),
+            &want_rows,
             0.0,
         );
         assert!(b.text_tokens(&[vocab as u32], 1, &tt, &pt, dim).is_err());

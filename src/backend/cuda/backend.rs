@@ -43,6 +43,10 @@ pub struct CudaOptions {
     /// the storage dtype. About halves the error against f32 (`SETAR_CUDA_NARROW_RESIDUAL=1`
     /// stores it in the storage dtype, as HF's bf16 models do).
     pub wide_residual: bool,
+    /// Attention through the fused tensor-core kernel (kernels/attention.cu) where it applies
+    /// (bf16 / f16, head_dim 64); else scores GEMM, softmax kernel, P·V GEMM. Opt-in while
+    /// new (`SETAR_CUDA_ATTENTION=fused`).
+    pub fused_attention: bool,
 }
 
 impl CudaOptions {
@@ -55,6 +59,7 @@ impl CudaOptions {
             max_memory: None,
             profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             wide_residual: !std::env::var("SETAR_CUDA_NARROW_RESIDUAL").is_ok_and(|v| v == "1"),
+            fused_attention: std::env::var("SETAR_CUDA_ATTENTION").is_ok_and(|v| v == "fused"),
         }
     }
 }
@@ -97,6 +102,9 @@ fn act_code(act: Activation) -> i32 {
         Activation::GeluTanh => 3,
     }
 }
+
+/// The head size `kernels/attention.cu` is written for.
+const FUSED_HEAD_DIM: usize = 64;
 
 /// f32 logits held at once by `logit_row_stats` (256 MiB).
 const LOGIT_CHUNK: usize = 64 << 20;
@@ -543,6 +551,59 @@ impl CudaBackend {
             .collect())
     }
 
+    /// `kernels/attention.cu`: scores, softmax and P·V in one kernel, nothing in memory
+    /// between them (bf16 / f16, head_dim 64).
+    fn fused_attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        shape: AttentionShape,
+        mask: &AttentionMask,
+    ) -> Result<()> {
+        let lengths: Option<IndexBuffer> = match &mask.lengths {
+            Some(l) => {
+                check_len("attention lengths", l.len(), shape.batch)?;
+                let l32: Vec<i32> = l.iter().map(|&x| x.min(i32::MAX as usize) as i32).collect();
+                Some(self.dev.upload_indices(&l32)?)
+            }
+            None => None,
+        };
+        let dim = |what: &str, v: usize| -> Result<u32> {
+            u32::try_from(v)
+                .ok()
+                .filter(|&x| x <= 65_535)
+                .ok_or_else(|| {
+                    Error::invalid(format!("fused attention: {what} = {v} is too large"))
+                })
+        };
+        let cfg = Launch {
+            grid: (
+                shape.queries.div_ceil(64) as u32,
+                dim("heads", shape.heads)?,
+                dim("batch", shape.batch)?,
+            ),
+            block: (128, 1, 1),
+        };
+        self.launch(
+            "flash_attention",
+            cfg,
+            &[
+                Arg::Ptr(q.ptr()),
+                Arg::Ptr(k.ptr()),
+                Arg::Ptr(v.ptr()),
+                Arg::Ptr(out.ptr()),
+                Arg::I32(i32_of("seq", shape.seq)?),
+                Arg::I32(i32_of("queries", shape.queries)?),
+                Arg::I32(i32_of("heads", shape.heads)?),
+                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                Arg::I32(mask.causal as i32),
+                Arg::Ptr(lengths.as_ref().map_or(0, |l| l.ptr())),
+            ],
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn softmax(
         &self,
@@ -982,6 +1043,10 @@ impl Backend for CudaBackend {
                 return Ok(out);
             }
             let d = self.opts.dtype;
+            if self.opts.fused_attention && d != DType::F32 && hd == FUSED_HEAD_DIM {
+                self.fused_attention(q, k, v, &out, shape, mask)?;
+                return Ok(out);
+            }
             let ld = seq.next_multiple_of(8);
             let rows = batch * heads * nq;
             let scores = self.dev.alloc(rows * ld, DType::F32)?;

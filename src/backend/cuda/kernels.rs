@@ -76,6 +76,12 @@ pub const UNITS: &[Unit] = &[
         dtypes: ALL,
     },
     Unit {
+        name: "attention",
+        source: include_str!("../../../kernels/attention.cu"),
+        ops: &["flash_attention"],
+        dtypes: HALVES,
+    },
+    Unit {
         name: "convert",
         source: include_str!("../../../kernels/convert.cu"),
         ops: &["cast_from_f32", "cast_to_f32"],

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::lowrank::Svd;
 use cudarc::cublas::sys as blas_sys;
 use cudarc::cusolver::sys as solver_sys;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 fn solver_err(what: &str, status: solver_sys::cusolverStatus_t) -> Error {
@@ -181,10 +182,14 @@ fn group(
     let b = members.len();
     let k = o.min(n);
     let wide = o < n; // Gram of the rows (W Wᵀ, out × out) instead of the columns.
-    let host: Vec<f64> = members
-        .iter()
-        .flat_map(|&i| mats[i].0.iter().map(|&x| x as f64))
-        .collect();
+    let mut host = vec![0f64; b * o * n];
+    host.par_chunks_mut(o * n)
+        .zip(members)
+        .for_each(|(dst, &i)| {
+            dst.iter_mut()
+                .zip(mats[i].0)
+                .for_each(|(d, &x)| *d = x as f64)
+        });
     let w = dev.upload_indices(&host)?;
     let gram = dev.alloc_raw(b * k * k * 8)?;
     // The row-major [o, n] W is the column-major M = Wᵀ (n × o), ld n.
@@ -244,38 +249,41 @@ fn group(
     let q: Vec<f64> = dev.download_raw(&gram, b * k * k)?;
     let lambda: Vec<f64> = dev.download_raw(&eig, b * k)?;
     let scaled: Vec<f64> = dev.download_raw(&other, b * other_dim * k)?;
-    let mut svds = Vec::with_capacity(b);
-    for j in 0..b {
-        let q = &q[j * k * k..(j + 1) * k * k];
-        let lambda = &lambda[j * k..(j + 1) * k];
-        let scaled = &scaled[j * other_dim * k..(j + 1) * other_dim * k];
-        let mut svd = Svd {
-            out_dim: o,
-            in_dim: n,
-            u: vec![0.0; o * k],
-            s: vec![0.0; k],
-            v: vec![0.0; n * k],
-        };
-        // syevd's eigenvalues ascend: component c of the SVD is eigenpair k − 1 − c.
-        for c in 0..k {
-            let e = k - 1 - c;
-            let sigma = lambda[e].max(0.0).sqrt();
-            svd.s[c] = sigma;
-            let inv = if sigma > 0.0 { 1.0 / sigma } else { 0.0 };
-            let (q_side, other_side, q_rows, other_rows) = if wide {
-                (&mut svd.u, &mut svd.v, o, n)
-            } else {
-                (&mut svd.v, &mut svd.u, n, o)
+    // Assemble each matrix's factors (in parallel: the writes are column-wise).
+    let svds = (0..b)
+        .into_par_iter()
+        .map(|j| {
+            let q = &q[j * k * k..(j + 1) * k * k];
+            let lambda = &lambda[j * k..(j + 1) * k];
+            let scaled = &scaled[j * other_dim * k..(j + 1) * other_dim * k];
+            let mut svd = Svd {
+                out_dim: o,
+                in_dim: n,
+                u: vec![0.0; o * k],
+                s: vec![0.0; k],
+                v: vec![0.0; n * k],
             };
-            for r in 0..q_rows {
-                q_side[r * k + c] = q[e * q_rows + r];
+            // syevd's eigenvalues ascend: component c of the SVD is eigenpair k − 1 − c.
+            for c in 0..k {
+                let e = k - 1 - c;
+                let sigma = lambda[e].max(0.0).sqrt();
+                svd.s[c] = sigma;
+                let inv = if sigma > 0.0 { 1.0 / sigma } else { 0.0 };
+                let (q_side, other_side, q_rows, other_rows) = if wide {
+                    (&mut svd.u, &mut svd.v, o, n)
+                } else {
+                    (&mut svd.v, &mut svd.u, n, o)
+                };
+                for r in 0..q_rows {
+                    q_side[r * k + c] = q[e * q_rows + r];
+                }
+                for r in 0..other_rows {
+                    other_side[r * k + c] = scaled[e * other_rows + r] * inv;
+                }
             }
-            for r in 0..other_rows {
-                other_side[r * k + c] = scaled[e * other_rows + r] * inv;
-            }
-        }
-        svds.push(svd);
-    }
+            svd
+        })
+        .collect();
     Ok(svds)
 }
 

@@ -47,7 +47,7 @@ mod search;
 mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
-    use setar_engine::backend::cuda::{self, CudaBackend, DType};
+    use setar_engine::backend::cuda::{self, CudaBackend, CudaOptions, DType};
     use setar_engine::backend::Backend;
     use setar_engine::config::ClipConfig;
     use setar_engine::model::clip::logits;
@@ -64,13 +64,13 @@ mod check {
         fixtures: PathBuf,
         batch: usize,
         reps: usize,
-        dtypes: Vec<DType>,
+        dtypes: Vec<String>,
         skip_parity: bool,
         skip_timing: bool,
         skip_search: bool,
         search_images: usize,
         search_chunk: usize,
-        search_dtypes: Vec<DType>,
+        search_dtypes: Vec<String>,
         score_images: usize,
         peer_dir: PathBuf,
         large_model: PathBuf,
@@ -83,13 +83,13 @@ mod check {
             fixtures: PathBuf::from("tests/fixtures/models"),
             batch: 256,
             reps: 10,
-            dtypes: vec![DType::F32, DType::BF16, DType::F16],
+            dtypes: ["f32", "bf16", "f16"].map(String::from).to_vec(),
             skip_parity: false,
             skip_timing: false,
             skip_search: false,
             search_images: 1000,
             search_chunk: 250,
-            search_dtypes: vec![DType::BF16],
+            search_dtypes: vec!["bf16".into()],
             score_images: 10_000,
             peer_dir: std::env::temp_dir().join("setar-search"),
             large_model: std::env::temp_dir().join("setar-vitl14"),
@@ -106,12 +106,7 @@ mod check {
                 "--fixtures" => a.fixtures = value()?.into(),
                 "--batch" => a.batch = num(&value()?)?,
                 "--reps" => a.reps = num(&value()?)?,
-                "--dtypes" => {
-                    a.dtypes = value()?
-                        .split(',')
-                        .map(|s| s.parse())
-                        .collect::<Result<_>>()?
-                }
+                "--dtypes" => a.dtypes = specs(&value()?)?,
                 "--skip-parity" => a.skip_parity = true,
                 "--skip-timing" => a.skip_timing = true,
                 "--skip-search" => a.skip_search = true,
@@ -120,12 +115,7 @@ mod check {
                 "--score-images" => a.score_images = num(&value()?)?,
                 "--peer-dir" => a.peer_dir = value()?.into(),
                 "--large-model" => a.large_model = value()?.into(),
-                "--search-dtypes" => {
-                    a.search_dtypes = value()?
-                        .split(',')
-                        .map(|s| s.parse())
-                        .collect::<Result<_>>()?
-                }
+                "--search-dtypes" => a.search_dtypes = specs(&value()?)?,
                 "-h" | "--help" => {
                     eprintln!(
                         "device_check [--out FILE] [--model DIR] [--fixtures DIR] [--batch 256] [--reps 10] [--dtypes f32,bf16,f16] [--skip-parity] [--skip-timing] [--skip-search] [--search-images 1000] [--search-chunk 250] [--search-dtypes bf16] [--score-images 10000] [--peer-dir DIR] [--large-model DIR]"
@@ -136,6 +126,30 @@ mod check {
             }
         }
         Ok(a)
+    }
+
+    /// Backend variants: a dtype, optionally with `+fused` (the fused attention kernel) or
+    /// `+narrow` (the residual stream in the storage dtype), e.g. `bf16+fused`.
+    fn options_for(spec: &str) -> Result<CudaOptions> {
+        let mut parts = spec.split('+');
+        let dtype: DType = parts.next().unwrap_or_default().parse()?;
+        let mut o = CudaOptions::new(dtype);
+        for flag in parts {
+            match flag {
+                "fused" => o.fused_attention = true,
+                "narrow" => o.wide_residual = false,
+                other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
+            }
+        }
+        Ok(o)
+    }
+
+    fn specs(list: &str) -> Result<Vec<String>> {
+        let v: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
+        for s in &v {
+            options_for(s)?;
+        }
+        Ok(v)
     }
 
     fn num(s: &str) -> Result<usize> {
@@ -194,7 +208,7 @@ mod check {
     }
 
     /// CUDA (each dtype) vs CPU f32 on one checkpoint: image, local, text embeddings, logits.
-    fn parity(dir: &Path, dtypes: &[DType], images: usize, texts: usize) -> Result<Value> {
+    fn parity(dir: &Path, variants: &[String], images: usize, texts: usize) -> Result<Value> {
         let weights = WeightsFile::open(dir)?;
         let config = ClipConfig::for_weights(&weights)?;
         let vc = &config.vision;
@@ -214,8 +228,12 @@ mod check {
         let p = config.projection_dim;
         let cl = logits(&ci.embeds, &ct, p, cpu.logit_scale);
         let mut out = serde_json::Map::new();
-        for &dtype in dtypes {
-            let gpu = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+        for spec in variants {
+            let gpu = Clip::load(
+                CudaBackend::with_options(0, options_for(spec)?)?,
+                &weights,
+                &config,
+            )?;
             let gi = gpu.encode_images(&pixels, images, true)?;
             let gt = gpu.encode_text(&ids, &lengths, seq)?;
             let gl = logits(&gi.embeds, &gt, p, gpu.logit_scale);
@@ -225,32 +243,8 @@ mod check {
                 "text_embeds": rel_err(&gt, &ct),
                 "logits": rel_err(&gl, &cl),
             });
-            eprintln!("  {:<24} {dtype:>4}: {errs}", dir.display());
-            out.insert(dtype.name().into(), errs);
-        }
-        // bf16 with the residual stream in bf16 too (as HF's bf16 models keep it), to show
-        // what the f32 stream buys.
-        if dtypes.contains(&DType::BF16) {
-            use setar_engine::backend::cuda::CudaOptions;
-            let opts = CudaOptions {
-                wide_residual: false,
-                ..CudaOptions::new(DType::BF16)
-            };
-            let gpu = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)?;
-            let gi = gpu.encode_images(&pixels, images, true)?;
-            let gt = gpu.encode_text(&ids, &lengths, seq)?;
-            let gl = logits(&gi.embeds, &gt, p, gpu.logit_scale);
-            let errs = json!({
-                "image_embeds": rel_err(&gi.embeds, &ci.embeds),
-                "image_local_embeds": rel_err(gi.local.as_deref().unwrap_or(&[]), ci.local.as_deref().unwrap_or(&[])),
-                "text_embeds": rel_err(&gt, &ct),
-                "logits": rel_err(&gl, &cl),
-            });
-            eprintln!(
-                "  {:<24} bf16 (bf16 residual stream): {errs}",
-                dir.display()
-            );
-            out.insert("bf16_narrow_residual".into(), errs);
+            eprintln!("  {:<24} {spec:>10}: {errs}", dir.display());
+            out.insert(spec.clone(), errs);
         }
         out.insert("cpu_seconds".into(), json!(cpu_s));
         out.insert("images".into(), json!(images));
@@ -282,11 +276,13 @@ mod check {
         v[v.len() / 2]
     }
 
-    fn timing(dir: &Path, dtype: DType, batch: usize, reps: usize) -> Result<Value> {
+    fn timing(dir: &Path, spec: &str, batch: usize, reps: usize) -> Result<Value> {
         let weights = WeightsFile::open(dir)?;
         let config = ClipConfig::for_weights(&weights)?;
         let t = Instant::now();
-        let model = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+        let base = options_for(spec)?;
+        let dtype = spec;
+        let model = Clip::load(CudaBackend::with_options(0, base)?, &weights, &config)?;
         let load_s = t.elapsed().as_secs_f64();
         let vc = &config.vision;
         let pixels = values(
@@ -333,10 +329,9 @@ mod check {
         // Where the time goes: one batch with every op timed (synchronised around each op,
         // so the total exceeds the free-running time; the shares are what count).
         let profile = {
-            use setar_engine::backend::cuda::CudaOptions;
             let opts = CudaOptions {
                 profile: true,
-                ..CudaOptions::new(dtype)
+                ..base
             };
             let pm = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)?;
             pm.encode_images(&pixels, batch, false)?;
@@ -452,10 +447,10 @@ mod check {
         if !args.skip_timing {
             eprintln!("image tower, global features:");
             let mut tower = serde_json::Map::new();
-            for &dtype in &args.dtypes {
-                let r = timing(&args.model, dtype, args.batch, args.reps)
+            for spec in &args.dtypes {
+                let r = timing(&args.model, spec, args.batch, args.reps)
                     .unwrap_or_else(|e| json!({ "error": e.to_string() }));
-                tower.insert(dtype.name().into(), r);
+                tower.insert(spec.clone(), r);
             }
             report.insert("image_tower".into(), Value::Object(tower));
             let gemm = CudaBackend::new(0, DType::BF16)
@@ -494,8 +489,12 @@ mod check {
         let config = ClipConfig::for_weights(&weights)?;
         let mut out = serde_json::Map::new();
         let mut peer_written = false;
-        for &dtype in &args.search_dtypes {
-            let model = Clip::load(CudaBackend::new(0, dtype)?, &weights, &config)?;
+        for spec in &args.search_dtypes {
+            let model = Clip::load(
+                CudaBackend::with_options(0, options_for(spec)?)?,
+                &weights,
+                &config,
+            )?;
             let data = super::search::synthetic_data(&model, args.search_images, 1000, values)?;
             let cfg = super::search::config(args.search_chunk);
             if !peer_written {
@@ -513,7 +512,7 @@ mod check {
                 super::search::time_scoring(&model, &data, args.score_images, 500)
                     .unwrap_or_else(|e| json!({ "error": e.to_string() })),
             );
-            out.insert(dtype.name().into(), Value::Object(r));
+            out.insert(spec.clone(), Value::Object(r));
         }
         Ok(Value::Object(out))
     }
@@ -523,7 +522,6 @@ mod check {
     /// text step builds the cached image features); peak memory. Then a 2 GiB budget with the
     /// chunk forced to 256: an out-of-memory error, and the backend still works.
     fn memory_section(args: &Args) -> Result<Value> {
-        use setar_engine::backend::cuda::CudaOptions;
         use setar_engine::lowrank::{rank_for, Target, Tower, WeightType};
         use setar_engine::search::engine::Engine;
         use setar_engine::search::memory::fit_batch;
@@ -603,7 +601,7 @@ mod check {
         }))
     }
 
-    fn parity_or_error(dir: &Path, dtypes: &[DType], images: usize, texts: usize) -> Value {
+    fn parity_or_error(dir: &Path, dtypes: &[String], images: usize, texts: usize) -> Value {
         parity(dir, dtypes, images, texts).unwrap_or_else(|e| {
             eprintln!("  {}: ERROR {e}", dir.display());
             json!({ "error": e.to_string() })
