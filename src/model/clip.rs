@@ -369,9 +369,15 @@ impl<B: Backend> Clip<B> {
                 pixels.len()
             )));
         }
+        let px = self.backend.tensor(pixels.to_vec())?;
+        self.vision_embed_tensor(&px, n)
+    }
+
+    /// [`Clip::vision_embed`] of pixels already on the backend (`[n, channels, size, size]`).
+    pub fn vision_embed_tensor(&self, px: &B::Tensor, n: usize) -> Result<B::Tensor> {
+        let vc = &self.config.vision;
         let b = &self.backend;
-        let px = b.tensor(pixels.to_vec())?;
-        let patches = b.patchify(&px, n, vc.channels, vc.image_size, vc.patch_size)?;
+        let patches = b.patchify(px, n, vc.channels, vc.image_size, vc.patch_size)?;
         let emb = self.linear(&patches, n * vc.grid() * vc.grid(), &self.vision.patch)?;
         let tokens = b.vision_tokens(
             &emb,
