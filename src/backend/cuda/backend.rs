@@ -551,6 +551,46 @@ impl CudaBackend {
             .collect())
     }
 
+    /// LayerNorm kernel `op` (layernorm.cu) of `x` into a new `out_dtype` tensor.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_as(
+        &self,
+        op: &str,
+        x: &CudaTensor,
+        dim: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+        out_dtype: DType,
+    ) -> Result<CudaTensor> {
+        if dim == 0 || x.len() % dim != 0 {
+            return Err(Error::invalid(format!(
+                "layer norm: {} values are not rows of {dim}",
+                x.len()
+            )));
+        }
+        check_len("layer norm weight", gamma.len(), dim)?;
+        check_len("layer norm bias", beta.len(), dim)?;
+        let rows = x.len() / dim;
+        let out = self.empty_of(x.len(), out_dtype)?;
+        if rows > 0 {
+            self.launch(
+                op,
+                Launch::rows(rows as u64)?,
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(gamma.ptr()),
+                    Arg::Ptr(beta.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(i32_of("rows", rows)?),
+                    Arg::I32(i32_of("dim", dim)?),
+                    Arg::F32(eps),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
     /// `kernels/attention.cu`: scores, softmax and P·V in one kernel, nothing in memory
     /// between them (bf16 / f16, head_dim 64).
     fn fused_attention(
@@ -886,16 +926,6 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<CudaTensor> {
         self.profiled("layer_norm", || {
-            if dim == 0 || x.len() % dim != 0 {
-                return Err(Error::invalid(format!(
-                    "layer norm: {} values are not rows of {dim}",
-                    x.len()
-                )));
-            }
-            check_len("layer norm weight", gamma.len(), dim)?;
-            check_len("layer norm bias", beta.len(), dim)?;
-            let rows = x.len() / dim;
-            let out = self.empty(x.len())?;
             let op = match (x.dtype(), self.opts.dtype) {
                 (a, b) if a == b => "layer_norm",
                 (DType::F32, _) => "layer_norm_from_f32",
@@ -905,22 +935,7 @@ impl Backend for CudaBackend {
                     )))
                 }
             };
-            if rows > 0 {
-                self.launch(
-                    op,
-                    Launch::rows(rows as u64)?,
-                    &[
-                        Arg::Ptr(x.ptr()),
-                        Arg::Ptr(gamma.ptr()),
-                        Arg::Ptr(beta.ptr()),
-                        Arg::Ptr(out.ptr()),
-                        Arg::I32(i32_of("rows", rows)?),
-                        Arg::I32(i32_of("dim", dim)?),
-                        Arg::F32(eps),
-                    ],
-                )?;
-            }
-            Ok(out)
+            self.layer_norm_as(op, x, dim, gamma, beta, eps, self.opts.dtype)
         })
     }
 
@@ -937,33 +952,21 @@ impl Backend for CudaBackend {
             return self.layer_norm(x, dim, gamma, beta, eps);
         }
         self.profiled("layer_norm", || {
-            if dim == 0 || x.len() % dim != 0 || x.dtype() != DType::F32 {
+            if x.dtype() != DType::F32 {
                 return Err(Error::invalid(format!(
-                    "stream layer norm: {} {} values are not f32 rows of {dim}",
-                    x.len(),
+                    "stream layer norm of a {} tensor (expected f32)",
                     x.dtype()
                 )));
             }
-            check_len("layer norm weight", gamma.len(), dim)?;
-            check_len("layer norm bias", beta.len(), dim)?;
-            let rows = x.len() / dim;
-            let out = self.empty_of(x.len(), DType::F32)?;
-            if rows > 0 {
-                self.launch(
-                    "layer_norm_f32_to_f32",
-                    Launch::rows(rows as u64)?,
-                    &[
-                        Arg::Ptr(x.ptr()),
-                        Arg::Ptr(gamma.ptr()),
-                        Arg::Ptr(beta.ptr()),
-                        Arg::Ptr(out.ptr()),
-                        Arg::I32(i32_of("rows", rows)?),
-                        Arg::I32(i32_of("dim", dim)?),
-                        Arg::F32(eps),
-                    ],
-                )?;
-            }
-            Ok(out)
+            self.layer_norm_as(
+                "layer_norm_f32_to_f32",
+                x,
+                dim,
+                gamma,
+                beta,
+                eps,
+                DType::F32,
+            )
         })
     }
 
