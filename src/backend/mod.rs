@@ -60,6 +60,11 @@ pub trait Backend: Send + Sync {
     }
     fn weight(&self, data: F32Data) -> Result<Self::Weight>;
     fn tensor(&self, data: Vec<f32>) -> Result<Self::Tensor>;
+    /// [`Backend::tensor`] from borrowed values (a device copies them without an
+    /// intermediate host vector). Default: a copy, then `tensor`.
+    fn tensor_from(&self, data: &[f32]) -> Result<Self::Tensor> {
+        self.tensor(data.to_vec())
+    }
     fn to_vec(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// A copy of `t` on the same device.
     fn duplicate(&self, t: &Self::Tensor) -> Result<Self::Tensor>;

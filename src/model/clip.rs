@@ -369,7 +369,7 @@ impl<B: Backend> Clip<B> {
                 pixels.len()
             )));
         }
-        let px = self.backend.tensor(pixels.to_vec())?;
+        let px = self.backend.tensor_from(pixels)?;
         self.vision_embed_tensor(&px, n)
     }
 

@@ -860,6 +860,10 @@ impl Backend for CudaBackend {
         self.upload_f32(&data)
     }
 
+    fn tensor_from(&self, data: &[f32]) -> Result<CudaTensor> {
+        self.upload_f32(data)
+    }
+
     fn to_vec(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         self.download_f32(t)
     }

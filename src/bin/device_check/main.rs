@@ -308,19 +308,19 @@ mod check {
         let local: Vec<f64> = (0..reps.div_ceil(2))
             .map(|_| run(true))
             .collect::<Result<_>>()?;
-        // The host → device pixel upload (and cast), timed on its own.
+        // The host → device pixel upload (rounded to the storage dtype), timed on its own.
         let b = &model.backend;
         let upload: Vec<f64> = (0..reps)
             .map(|_| -> Result<f64> {
                 let t = Instant::now();
-                let px = b.tensor(pixels.clone())?;
+                let px = b.tensor_from(&pixels)?;
                 b.synchronize()?;
                 drop(px);
                 Ok(t.elapsed().as_secs_f64())
             })
             .collect::<Result<_>>()?;
         // Pixels already on the device, features left there: the tower alone.
-        let px = b.tensor(pixels.clone())?;
+        let px = b.tensor_from(&pixels)?;
         let none = setar_engine::model::overrides::Overrides::none();
         let layers = config.vision.tower.layers;
         let resident = || -> Result<f64> {
