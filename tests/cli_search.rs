@@ -309,3 +309,20 @@ fn bad_inputs_are_named() {
         &[s(&other), "another model"],
     );
 }
+
+#[test]
+fn bad_max_memory_is_named() {
+    let model = fixtures().join("models/e2e_real_vocab_f16");
+    fails(
+        cmd(&["info", "--weights", s(&model), "--max-memory", "lots"])
+            .output()
+            .unwrap(),
+        &["--max-memory lots", "not a size"],
+    );
+    fails(
+        cmd(&["info", "--weights", s(&model), "--max-memory", "24G"])
+            .output()
+            .unwrap(),
+        &["--max-memory", "--device cuda"],
+    );
+}

@@ -353,18 +353,7 @@ impl Backend for CpuBackend {
         positions: &F32Data,
         dim: usize,
     ) -> Result<Vec<f32>> {
-        let vocab = table.len() / dim;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        if seq * dim > positions.len() {
-            return Err(Error::invalid(format!(
-                "{seq} tokens exceed the model's {} positions",
-                positions.len() / dim
-            )));
-        }
+        super::check_text_tokens(ids, seq, table.len(), positions.len(), dim)?;
         let mut out = vec![0.0; ids.len() * dim];
         out.par_chunks_mut(dim).enumerate().for_each(|(r, o)| {
             let id = ids[r] as usize;

@@ -42,6 +42,34 @@ pub struct AttentionMask {
     pub lengths: Option<Vec<usize>>,
 }
 
+/// Checks token ids `[batch, seq]` against an embedding table of `table` values and
+/// `positions` position-embedding values, rows of `dim`: shared by every backend's
+/// `text_tokens`, so a bad id or an over-long sequence is an error, never an out-of-bounds read.
+pub fn check_text_tokens(
+    ids: &[u32],
+    seq: usize,
+    table: usize,
+    positions: usize,
+    dim: usize,
+) -> Result<()> {
+    if dim == 0 {
+        return Err(Error::invalid("text tokens: dim 0"));
+    }
+    let vocab = table / dim;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(Error::invalid(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if seq * dim > positions {
+        return Err(Error::invalid(format!(
+            "{seq} tokens exceed the model's {} positions",
+            positions / dim
+        )));
+    }
+    Ok(())
+}
+
 /// Tensor ops the model needs. Activations are row-major `[rows, dim]` f32.
 pub trait Backend: Send + Sync {
     /// Mutable activations living on the backend.
@@ -179,14 +207,7 @@ pub trait Backend: Send + Sync {
         temperature: f64,
     ) -> Result<Vec<RowStats>> {
         let (x, text) = (self.to_vec(x)?, self.to_vec(text)?);
-        if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
-            return Err(Error::invalid(format!(
-                "logit statistics: {} and {} values are not rows of {dim}",
-                x.len(),
-                text.len()
-            )));
-        }
-        let (rows, classes) = (x.len() / dim, text.len() / dim);
+        let (rows, classes) = row_stats::logit_shape(x.len(), text.len(), dim)?;
         let mut logits = vec![0.0; rows * classes];
         cpu::linear_into(&x, rows, &text, None, classes, dim, &mut logits);
         logits.iter_mut().for_each(|v| *v *= scale);

@@ -35,6 +35,25 @@ impl RowStats {
     }
 }
 
+/// `[rows, dim]` features against `[classes, dim]` text features: (rows, classes).
+pub fn logit_shape(features: usize, text: usize, dim: usize) -> Result<(usize, usize)> {
+    if dim == 0 || features % dim != 0 || text % dim != 0 {
+        return Err(Error::invalid(format!(
+            "logit statistics: {features} and {text} values are not rows of {dim}"
+        )));
+    }
+    Ok((features / dim, text / dim))
+}
+
+pub fn check_temperature(temperature: f64) -> Result<()> {
+    if temperature.is_nan() || temperature <= 0.0 {
+        return Err(Error::invalid(format!(
+            "temperature must be > 0, got {temperature}"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the label layout shared by the host twin and the device kernel: row r's label is
 /// `labels[r / rows_per_label]`.
 pub fn check_labels(
@@ -74,11 +93,7 @@ pub fn row_stats_host(
         labels,
         rows_per_label,
     )?;
-    if temperature.is_nan() || temperature <= 0.0 {
-        return Err(Error::invalid(format!(
-            "temperature must be > 0, got {temperature}"
-        )));
-    }
+    check_temperature(temperature)?;
     Ok(logits
         .par_chunks_exact(classes)
         .enumerate()

@@ -232,22 +232,11 @@ impl CudaBackend {
         rows_per_label: usize,
         temperature: f64,
     ) -> Result<(IndexBuffer, usize)> {
-        if dim == 0 || x.len() % dim != 0 || text.len() % dim != 0 {
-            return Err(Error::invalid(format!(
-                "logit statistics: {} and {} values are not rows of {dim}",
-                x.len(),
-                text.len()
-            )));
-        }
+        let (rows, classes) = row_stats::logit_shape(x.len(), text.len(), dim)?;
         self.storage("image features", x)?;
         self.storage("text features", text)?;
-        let (rows, classes) = (x.len() / dim, text.len() / dim);
         row_stats::check_labels(rows, classes, labels, rows_per_label)?;
-        if temperature.is_nan() || temperature <= 0.0 {
-            return Err(Error::invalid(format!(
-                "temperature must be > 0, got {temperature}"
-            )));
-        }
+        row_stats::check_temperature(temperature)?;
         let out = self.dev.alloc_raw(rows * 5 * 8)?;
         if rows == 0 {
             return Ok((out, 0));
@@ -1211,21 +1200,7 @@ impl Backend for CudaBackend {
         dim: usize,
     ) -> Result<CudaTensor> {
         self.profiled("token embedding", || {
-            if dim == 0 {
-                return Err(Error::invalid("text tokens: dim 0"));
-            }
-            let vocab = table.len() / dim;
-            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(Error::invalid(format!(
-                    "token id {bad} is outside the vocabulary of {vocab}"
-                )));
-            }
-            if seq * dim > positions.len() {
-                return Err(Error::invalid(format!(
-                    "{seq} tokens exceed the model's {} positions",
-                    positions.len() / dim
-                )));
-            }
+            crate::backend::check_text_tokens(ids, seq, table.len(), positions.len(), dim)?;
             let out = self.empty_of(ids.len() * dim, self.stream_dtype())?;
             if ids.is_empty() {
                 return Ok(out);

@@ -14,7 +14,7 @@ use setar_engine::backend::cuda::CudaBackend;
 use setar_engine::backend::Backend;
 use setar_engine::data::LabelSet;
 use setar_engine::loss::{Averaging, LocoopConfig, LocoopPreset};
-use setar_engine::lowrank::{rank_for, PruneType, WeightType};
+use setar_engine::lowrank::{rank_for, PruneType, Target, WeightType};
 use setar_engine::model::prompts::PromptBuckets;
 use setar_engine::model::Clip;
 use setar_engine::progress::Progress;
@@ -77,6 +77,18 @@ pub fn config(chunk: usize) -> SearchConfig {
     }
 }
 
+/// The targets of the search's steps, in order.
+fn search_plan(model: &Clip<CudaBackend>, cfg: &SearchConfig) -> Result<Vec<Target>> {
+    let c = &model.config;
+    plan(
+        cfg.order,
+        cfg.weight,
+        c.vision.tower.layers,
+        c.text.tower.layers,
+        cfg.freeze_proj,
+    )
+}
+
 /// Writes what the PyTorch peer needs: `pixels.f32` (raw, `[n, 3, size, size]`) and
 /// `search.json` (labels, token ids, the plan with each ratio's rank, the loss settings).
 pub fn write_peer_data(
@@ -92,13 +104,7 @@ pub fn write_peer_data(
         .and_then(|_| f.flush())
         .map_err(|e| Error::io(&px, e))?;
     let c = &model.config;
-    let targets = plan(
-        cfg.order,
-        cfg.weight,
-        c.vision.tower.layers,
-        c.text.tower.layers,
-        cfg.freeze_proj,
-    )?;
+    let targets = search_plan(model, cfg)?;
     let steps: Vec<Value> = targets
         .iter()
         .map(|t| {
@@ -158,14 +164,7 @@ pub fn time_search(
 ) -> Result<Value> {
     let b = &model.backend;
     b.reset_peak_memory();
-    let c = &model.config;
-    let targets = plan(
-        cfg.order,
-        cfg.weight,
-        c.vision.tower.layers,
-        c.text.tower.layers,
-        cfg.freeze_proj,
-    )?;
+    let targets = search_plan(model, cfg)?;
     b.synchronize()?;
     let t0 = Instant::now();
     let mut engine = Engine::new(model, weights, data, cfg);
