@@ -138,7 +138,7 @@ fn main() {
             "{target}: cached {:.2} s per candidate",
             cached / ranks.len() as f64
         );
-        if with_naive {
+        if with_naive && naive_candidates > 0 {
             let t = Instant::now();
             engine
                 .evaluate_naive(target, &ranks[..naive_candidates], &bar)

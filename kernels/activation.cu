@@ -2,6 +2,11 @@
 // bias may be null; act: 0 none, 1 quick_gelu x·σ(1.702x), 2 exact erf GELU, 3 tanh GELU.
 // CPU twin: `fastmath::activate` (plus the bias add of `backend::cpu::linear_into`).
 // Grid: x over the columns of a row, y over rows (looping when rows exceed gridDim.y).
+//
+// `activate`: the activation alone over n contiguous values (the MLP's hidden layer, after a
+// GEMM that added the bias), 16 bytes per load and store (8 bf16/f16 or 4 f32 values), the
+// activation chosen once per launch rather than per value. x must be 16-byte aligned (the
+// caller checks); a grid-stride loop, then a scalar tail.
 #include "common.cuh"
 
 #define SETAR_ACT_NONE 0
@@ -40,3 +45,46 @@ __device__ __forceinline__ void bias_act_impl(T* x, const T* bias, long long row
         bias_act_impl<T>(x, bias, rows, dim, act);                                            \
     }
 SETAR_FOR_EACH_TYPE(BIAS_ACT)
+
+// The activation `ACT` over n values of x, V = 16 / sizeof(T) at a time.
+template <typename T, int ACT>
+__device__ __forceinline__ void activate_loop(T* x, long long n) {
+    constexpr int V = 16 / sizeof(T);
+    const long long vectors = n / V;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    uint4* xv = reinterpret_cast<uint4*>(x);
+    for (long long i = first; i < vectors; i += stride) {
+        uint4 pack = xv[i];
+        T* e = reinterpret_cast<T*>(&pack);
+#pragma unroll
+        for (int j = 0; j < V; ++j) e[j] = from_float<T>(apply_act(to_float(e[j]), ACT));
+        xv[i] = pack;
+    }
+    for (long long i = vectors * V + first; i < n; i += stride)
+        x[i] = from_float<T>(apply_act(to_float(x[i]), ACT));
+}
+
+template <typename T>
+__device__ __forceinline__ void activate_impl(T* x, long long n, int act) {
+    switch (act) {
+    case SETAR_ACT_QUICK_GELU:
+        activate_loop<T, SETAR_ACT_QUICK_GELU>(x, n);
+        break;
+    case SETAR_ACT_GELU:
+        activate_loop<T, SETAR_ACT_GELU>(x, n);
+        break;
+    case SETAR_ACT_GELU_TANH:
+        activate_loop<T, SETAR_ACT_GELU_TANH>(x, n);
+        break;
+    default:
+        break; // the identity: nothing to write
+    }
+}
+
+#define ACTIVATE(T, S)                                                                        \
+    extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)                                 \
+        activate_##S(T* x, long long n, int act) {                                            \
+        activate_impl<T>(x, n, act);                                                          \
+    }
+SETAR_FOR_EACH_TYPE(ACTIVATE)

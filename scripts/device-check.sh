@@ -11,7 +11,9 @@
 #
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
 #   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])
-# Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (f32,bf16,f16).
+# Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (backend
+# variants: a dtype plus +fused (fused attention), +narrow (bf16 residual stream), +separate
+# (residual adds by a kernel, not in the GEMMs)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
 # binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
@@ -31,7 +33,7 @@ BATCH=${BATCH:-256}
 REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
-DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+fused}
+DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+fused}
 SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+fused}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
@@ -150,7 +152,7 @@ L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, f
 bf = tower.get("bf16", {})
 if isinstance(g_torch, float) and "tflops_device_resident" in bf:
     L.append(f"Image tower bf16 at {bf['tflops_device_resident'] / g_torch:.0%} of the measured torch bf16 GEMM rate (target ≥ 50%).")
-L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless +narrow; +fused: fused attention kernel), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
+L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless +narrow; residual adds in the GEMMs unless +separate; +fused: fused attention kernel), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
       "| checkpoint | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
 for name, r in ours.get("parity", {}).items():
     if "error" in r:

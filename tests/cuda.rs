@@ -387,28 +387,31 @@ fn layer_norm_matches_cpu() {
 #[test]
 fn activations_match_cpu() {
     let mut rng = Rng::new("activations");
-    let x = rng.vec(100_003, -6.0, 6.0);
-    for act in [
-        Activation::QuickGelu,
-        Activation::Gelu,
-        Activation::GeluTanh,
-    ] {
-        for dtype in DType::ALL {
-            let Some(b) = backend(dtype, GemmPath::Auto) else {
-                return;
-            };
-            let xs = stored(dtype, &x);
-            let mut want = xs.clone();
-            fastmath::activate(&mut want, act);
-            let mut t = up(b, &xs);
-            b.activate(&mut t, act).unwrap();
-            check(
-                &format!("activate {act:?} n={}", x.len()),
-                dtype,
-                &b.to_vec(&t).unwrap(),
-                &want,
-                tol(dtype),
-            );
+    let all = rng.vec(100_003, -6.0, 6.0);
+    // Fewer values than one 16-byte load, a partial load, and many loads plus a tail.
+    for x in [&all[..1], &all[..7], &all[..]] {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ] {
+            for dtype in DType::ALL {
+                let Some(b) = backend(dtype, GemmPath::Auto) else {
+                    return;
+                };
+                let xs = stored(dtype, x);
+                let mut want = xs.clone();
+                fastmath::activate(&mut want, act);
+                let mut t = up(b, &xs);
+                b.activate(&mut t, act).unwrap();
+                check(
+                    &format!("activate {act:?} n={}", x.len()),
+                    dtype,
+                    &b.to_vec(&t).unwrap(),
+                    &want,
+                    tol(dtype),
+                );
+            }
         }
     }
 }
@@ -433,6 +436,90 @@ fn add_assign_matches_cpu() {
             tol(dtype),
         );
         assert!(b.add_assign(&mut t, &up(b, &[1.0])).is_err());
+    }
+}
+
+/// `h += x·wᵀ + bias` (the residual-fused Linear) against the CPU's Linear then add, for an
+/// f32 stream and a storage-dtype stream, on every GEMM path, fused and separate; and the
+/// fused form must really run in one cuBLASLt call where cuBLASLt is asked for.
+#[test]
+fn linear_add_matches_cpu() {
+    let mut rng = Rng::new("linear_add");
+    let cases: Vec<_> = [(67, 45, 131), (1, 3, 7), (197, 96, 64), (5, 770, 33)]
+        .into_iter()
+        .map(|(rows, out_dim, in_dim)| {
+            let x = rng.vec(rows * in_dim, -1.0, 1.0);
+            let wt = rng.vec(out_dim * in_dim, -0.5, 0.5);
+            let bias = rng.vec(out_dim, -1.0, 1.0);
+            let h0 = rng.vec(rows * out_dim, -3.0, 3.0);
+            ((rows, out_dim, in_dim), x, wt, bias, h0)
+        })
+        .collect();
+    let cpu = CpuBackend::new();
+    for dtype in DType::ALL {
+        for path in PATHS {
+            let Some(shared) = backend(dtype, path) else {
+                return;
+            };
+            for fused in [true, false] {
+                let opts = CudaOptions {
+                    fused_residual: fused,
+                    profile: true,
+                    ..shared.options()
+                };
+                let b = CudaBackend::with_options(0, opts).unwrap();
+                for ((rows, out_dim, in_dim), x, wt, bias, h0) in &cases {
+                    let (rows, out_dim, in_dim) = (*rows, *out_dim, *in_dim);
+                    let (xs, ws, bs) = (stored(dtype, x), stored(dtype, wt), stored(dtype, bias));
+                    for (wide, with_bias) in
+                        [(false, false), (false, true), (true, false), (true, true)]
+                    {
+                        let hs = if wide { h0.clone() } else { stored(dtype, h0) };
+                        let bias_w = w(bs.clone());
+                        let y = cpu
+                            .linear(
+                                &xs,
+                                rows,
+                                &w(ws.clone()),
+                                with_bias.then_some(&bias_w),
+                                out_dim,
+                                in_dim,
+                            )
+                            .unwrap();
+                        let mut want = hs.clone();
+                        cpu.add_assign(&mut want, &y).unwrap();
+                        let mut h = if wide {
+                            b.tensor_f32(&hs).unwrap()
+                        } else {
+                            up(&b, &hs)
+                        };
+                        let db = up(&b, &bs);
+                        b.reset_profile();
+                        b.linear_add(
+                            &mut h,
+                            &up(&b, &xs),
+                            rows,
+                            &up(&b, &ws),
+                            with_bias.then_some(&db),
+                            out_dim,
+                            in_dim,
+                        )
+                        .unwrap();
+                        let what = format!(
+                            "linear_add {rows}x{in_dim}→{out_dim} bias {with_bias} wide {wide} {path:?} fused {fused}"
+                        );
+                        check(&what, dtype, &b.to_vec(&h).unwrap(), &want, tol(dtype));
+                        let ran: Vec<_> = b.profile().iter().map(|p| p.0).collect();
+                        if fused && path == GemmPath::Lt {
+                            assert!(
+                                ran.contains(&"linear+residual") && !ran.contains(&"residual add"),
+                                "{what} ({dtype}): cuBLASLt did not fuse the add (ops {ran:?})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -989,7 +1076,23 @@ fn cusolver_svds_match_faer() {
     assert!(b.thin_svds(&[(&mats[0][1..], 67, 23)]).is_err());
 }
 
-/// Whole-model parity, CUDA vs CPU: image, local and text embeddings and logits.
+/// HF transformers' own bf16 run against its float64 run on the fixture's inputs
+/// (`<key>_hfbf16` against `<key>`, written by tests/fixtures/make_model_fixtures.py), or None
+/// where the fixture lacks either.
+fn hf_bf16_err(expected: &WeightsFile, key: &str) -> Option<f64> {
+    let bf16 = format!("{key}_hfbf16");
+    if expected.shape(key).is_err() || expected.shape(&bf16).is_err() {
+        return None;
+    }
+    Some(rel_err(
+        &tensor(expected, &bf16).0,
+        &tensor(expected, key).0,
+    ))
+}
+
+/// Whole-model parity, CUDA vs CPU: image, local and text embeddings and logits. In bf16, where
+/// the fixture supplied the inputs and carries HF's own bf16 outputs, HF bf16's error against
+/// HF float64 is printed beside ours (for scale; not asserted).
 fn model_parity(dir: &std::path::Path, dtype: DType) -> Option<f64> {
     let b = backend(dtype, GemmPath::Auto)?;
     let weights = WeightsFile::open(dir).unwrap();
@@ -1006,7 +1109,8 @@ fn model_parity(dir: &std::path::Path, dtype: DType) -> Option<f64> {
     let expected = WeightsFile::open(&dir.join("expected.safetensors")).ok();
     let has = |k: &str| expected.as_ref().is_some_and(|e| e.shape(k).is_ok());
     let mut rng = Rng::new("model parity");
-    let (pixels, n) = if has("pixel_values") {
+    let fixture_pixels = has("pixel_values");
+    let (pixels, n) = if fixture_pixels {
         let (p, s) = tensor(expected.as_ref().unwrap(), "pixel_values");
         (p, s[0])
     } else {
@@ -1015,63 +1119,86 @@ fn model_parity(dir: &std::path::Path, dtype: DType) -> Option<f64> {
             3,
         )
     };
-    let (ids, lengths, seq): (Vec<u32>, Vec<usize>, usize) =
-        if has("input_ids") && has("attention_mask") {
-            let e = expected.as_ref().unwrap();
-            let (ids_f, shape) = tensor(e, "input_ids");
-            let (mask, _) = tensor(e, "attention_mask");
-            let seq = shape[1];
-            let lengths = mask
-                .chunks(seq)
-                .map(|r| r.iter().filter(|&&m| m > 0.0).count())
-                .collect();
-            (ids_f.iter().map(|&x| x as u32).collect(), lengths, seq)
-        } else {
-            let seq = 9.min(config.text.context_length);
-            // Ended by EOS (or the largest id when EOS is outside the vocabulary).
-            let vocab = config.text.vocab_size as u32;
-            let top = (config.text.eos_token_id as u32).min(vocab - 1);
-            let lengths: Vec<usize> = vec![seq, 4, 2];
-            let ids = lengths
-                .iter()
-                .flat_map(|&l| {
-                    (0..seq).map(move |j| match j {
-                        j if j + 1 == l => top,
-                        j if j >= l || top < 2 => 0,
-                        j => 1 + (j as u32 * 37 + 11) % (top - 1),
-                    })
+    let fixture_ids = has("input_ids") && has("attention_mask");
+    let (ids, lengths, seq): (Vec<u32>, Vec<usize>, usize) = if fixture_ids {
+        let e = expected.as_ref().unwrap();
+        let (ids_f, shape) = tensor(e, "input_ids");
+        let (mask, _) = tensor(e, "attention_mask");
+        let seq = shape[1];
+        let lengths = mask
+            .chunks(seq)
+            .map(|r| r.iter().filter(|&&m| m > 0.0).count())
+            .collect();
+        (ids_f.iter().map(|&x| x as u32).collect(), lengths, seq)
+    } else {
+        let seq = 9.min(config.text.context_length);
+        // Ended by EOS (or the largest id when EOS is outside the vocabulary).
+        let vocab = config.text.vocab_size as u32;
+        let top = (config.text.eos_token_id as u32).min(vocab - 1);
+        let lengths: Vec<usize> = vec![seq, 4, 2];
+        let ids = lengths
+            .iter()
+            .flat_map(|&l| {
+                (0..seq).map(move |j| match j {
+                    j if j + 1 == l => top,
+                    j if j >= l || top < 2 => 0,
+                    j => 1 + (j as u32 * 37 + 11) % (top - 1),
                 })
-                .collect();
-            (ids, lengths, seq)
-        };
+            })
+            .collect();
+        (ids, lengths, seq)
+    };
     let ci = cpu.encode_images(&pixels, n, true).unwrap();
     let gi = gpu.encode_images(&pixels, n, true).unwrap();
     let ct = cpu.encode_text(&ids, &lengths, seq).unwrap();
     let gt = gpu.encode_text(&ids, &lengths, seq).unwrap();
     let p = config.projection_dim;
+    // (our name, the fixture's key, whether the fixture supplied this quantity's inputs, …)
     let pairs = [
-        ("image_embeds", gi.embeds.clone(), ci.embeds.clone()),
+        (
+            "image_embeds",
+            "image_embeds",
+            fixture_pixels,
+            gi.embeds.clone(),
+            ci.embeds.clone(),
+        ),
         (
             "image_local_embeds",
+            "image_local_embeds",
+            fixture_pixels,
             gi.local.clone().unwrap(),
             ci.local.clone().unwrap(),
         ),
-        ("text_embeds", gt.clone(), ct.clone()),
+        (
+            "text_embeds",
+            "text_embeds",
+            fixture_ids,
+            gt.clone(),
+            ct.clone(),
+        ),
         (
             "logits",
+            "logits_per_image",
+            fixture_pixels && fixture_ids,
             logits(&gi.embeds, &gt, p, gpu.logit_scale),
             logits(&ci.embeds, &ct, p, cpu.logit_scale),
         ),
     ];
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
     let mut worst = 0.0f64;
-    for (key, got, want) in pairs {
+    for (key, fixture_key, same_inputs, got, want) in pairs {
         assert!(
             got.iter().all(|x| x.is_finite()),
             "{name} {key} {dtype}: non-finite"
         );
         let err = rel_err(&got, &want);
-        println!("{name:>22} {key:<20} {dtype:>4} CUDA vs CPU {err:.2e}");
+        let hf = match &expected {
+            Some(e) if dtype == DType::BF16 && same_inputs => hf_bf16_err(e, fixture_key),
+            _ => None,
+        }
+        .map(|e| format!(" (HF bf16 vs f64: {e:.2e})"))
+        .unwrap_or_default();
+        println!("{name:>22} {key:<20} {dtype:>4} CUDA vs CPU {err:.2e}{hf}");
         worst = worst.max(err);
     }
     Some(worst)

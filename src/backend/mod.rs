@@ -107,6 +107,23 @@ pub trait Backend: Send + Sync {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<Self::Tensor>;
+    /// `h += x[rows, in] · w[out, in]ᵀ + bias[out]`: a block's output added into the residual
+    /// stream `h[rows, out]`. Default: [`Backend::linear`], then [`Backend::add_assign`]; a
+    /// device may fuse the two (the add in the GEMM's epilogue).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_add(
+        &self,
+        h: &mut Self::Tensor,
+        x: &Self::Tensor,
+        rows: usize,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<()> {
+        let y = self.linear(x, rows, w, bias, out_dim, in_dim)?;
+        self.add_assign(h, &y)
+    }
     fn layer_norm(
         &self,
         x: &Self::Tensor,

@@ -282,6 +282,36 @@ impl<B: Backend> Clip<B> {
         }
     }
 
+    /// `h += ` the Linear of `target` applied to `x` (a block output joining the residual
+    /// stream), fused by the backend when the Linear is a plain weight.
+    fn target_linear_add(
+        &self,
+        h: &mut B::Tensor,
+        x: &B::Tensor,
+        rows: usize,
+        base: &Linear<B::Weight>,
+        target: Target,
+        ov: &Overrides<B>,
+    ) -> Result<()> {
+        let lin = match ov.get(&target) {
+            None => base,
+            Some(LinearOverride::Weight(w)) => w,
+            Some(LinearOverride::Delta { .. }) => {
+                let y = self.target_linear(x, rows, base, target, ov)?;
+                return self.backend.add_assign(h, &y);
+            }
+        };
+        self.backend.linear_add(
+            h,
+            x,
+            rows,
+            &lin.weight,
+            lin.bias.as_ref(),
+            lin.out_dim,
+            lin.in_dim,
+        )
+    }
+
     fn norm(
         &self,
         x: &B::Tensor,
@@ -300,7 +330,7 @@ impl<B: Backend> Clip<B> {
     }
 
     /// `h += fc2(act(fc1(ln2(h))))` for block `layer` of `tower`.
-    fn mlp_residual(
+    pub fn mlp_residual(
         &self,
         h: &mut B::Tensor,
         rows: usize,
@@ -318,13 +348,29 @@ impl<B: Backend> Clip<B> {
         let x = self.norm(h, cfg.hidden, &block.ln2, cfg.eps)?;
         let mut m = self.target_linear(&x, rows, &block.fc1, t(WeightType::Up), ov)?;
         self.backend.activate(&mut m, cfg.act)?;
-        let m = self.target_linear(&m, rows, &block.fc2, t(WeightType::Down), ov)?;
-        self.backend.add_assign(h, &m)
+        self.target_linear_add(h, &m, rows, &block.fc2, t(WeightType::Down), ov)
     }
 
     /// One full block of `tower` on `[batch·seq, hidden]` hidden states.
     #[allow(clippy::too_many_arguments)]
     pub fn block_forward(
+        &self,
+        h: &mut B::Tensor,
+        tower: Tower,
+        layer: usize,
+        batch: usize,
+        seq: usize,
+        mask: &AttentionMask,
+        ov: &Overrides<B>,
+    ) -> Result<()> {
+        self.attention_residual(h, tower, layer, batch, seq, mask, ov)?;
+        self.mlp_residual(h, batch * seq, tower, layer, ov)
+    }
+
+    /// `h += out_proj(attention(ln1(h)))` for block `layer` of `tower`: the first half of a
+    /// block (the search runs it once for candidates that only change the MLP).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_residual(
         &self,
         h: &mut B::Tensor,
         tower: Tower,
@@ -354,9 +400,7 @@ impl<B: Backend> Clip<B> {
             head_dim: cfg.head_dim(),
         };
         let a = self.backend.attention(&q, &k, &v, shape, mask)?;
-        let o = self.target_linear(&a, rows, &block.o, t(WeightType::O), ov)?;
-        self.backend.add_assign(h, &o)?;
-        self.mlp_residual(h, rows, tower, layer, ov)
+        self.target_linear_add(h, &a, rows, &block.o, t(WeightType::O), ov)
     }
 
     /// The vision tower's token states after `pre_layrnorm`: `[n · tokens, hidden]`.
@@ -490,10 +534,7 @@ impl<B: Backend> Clip<B> {
         };
         let a = b.attention(&q, &k, &v, shape, &AttentionMask::default())?;
         let mut cls = b.gather_rows(h, cfg.hidden, &cls_rows)?;
-        b.add_assign(
-            &mut cls,
-            &self.target_linear(&a, n, &block.o, t(WeightType::O), ov)?,
-        )?;
+        self.target_linear_add(&mut cls, &a, n, &block.o, t(WeightType::O), ov)?;
         self.mlp_residual(&mut cls, n, Tower::Visual, layer, ov)?;
         let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
         let embeds = self.target_linear(&cls, n, &self.vision.projection, proj, ov)?;
@@ -505,10 +546,7 @@ impl<B: Backend> Clip<B> {
             let vp = b.gather_rows(&v, cfg.hidden, &patch_rows)?;
             // The patches' residual rows (the stream's dtype) plus their value path.
             let mut val = b.gather_rows(h, cfg.hidden, &patch_rows)?;
-            b.add_assign(
-                &mut val,
-                &self.target_linear(&vp, m, &block.o, t(WeightType::O), ov)?,
-            )?;
+            self.target_linear_add(&mut val, &vp, m, &block.o, t(WeightType::O), ov)?;
             self.mlp_residual(&mut val, m, Tower::Visual, layer, ov)?;
             let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
             Some(self.target_linear(&val, m, &self.vision.projection, proj, ov)?)
@@ -568,10 +606,7 @@ impl<B: Backend> Clip<B> {
         layers: std::ops::Range<usize>,
         ov: &Overrides<B>,
     ) -> Result<()> {
-        let mask = AttentionMask {
-            causal: true,
-            lengths: Some(lengths.to_vec()),
-        };
+        let mask = text_mask(lengths);
         for l in layers {
             self.block_forward(h, Tower::Text, l, lengths.len(), seq, &mask, ov)?;
         }
@@ -619,6 +654,14 @@ impl<B: Backend> Clip<B> {
         let mut h = self.text_embed(ids, lengths, seq)?;
         self.text_layers(&mut h, lengths, seq, 0..self.config.text.tower.layers, ov)?;
         self.text_head(&h, ids, seq, ov)
+    }
+}
+
+/// The text tower's attention mask: causal, and padding past each sequence's length.
+pub fn text_mask(lengths: &[usize]) -> AttentionMask {
+    AttentionMask {
+        causal: true,
+        lengths: Some(lengths.to_vec()),
     }
 }
 

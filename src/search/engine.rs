@@ -4,7 +4,8 @@
 //! materialised once; while the vision tower is searched the text features are fixed (and the
 //! image features while the text tower is); the hidden states entering the target's layer are
 //! computed once per chunk of images and shared by every candidate, which re-runs only the
-//! layers from the target upward; within the target's Linear, x·Wᵀ and x·V are shared by all
+//! layers from the target upward (from the target's MLP when the target is `mlp.fc1` or
+//! `mlp.fc2`: the block's attention half is shared too); within the target's Linear, x·Wᵀ and x·V are shared by all
 //! candidate ratios, each of which subtracts a prefix of the removed components.
 //!
 //! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
@@ -12,10 +13,10 @@
 
 use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
 use super::SearchConfig;
-use crate::backend::Backend;
+use crate::backend::{AttentionMask, Backend};
 use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target, Tower, WeightType};
-use crate::model::clip::Linear;
+use crate::model::clip::{text_mask, Linear};
 use crate::model::overrides::{DeltaMemo, LinearOverride, Overrides};
 use crate::model::prompts::PromptBuckets;
 use crate::model::Clip;
@@ -455,20 +456,46 @@ impl<'a, B: Backend> Engine<'a, B> {
                 self.embed_chunks()?;
                 let layers = self.layers(Tower::Visual);
                 let start = target.layer.unwrap_or(layers - 1);
+                // The last block is run by the head, which handles its own attention.
+                let mlp_only = is_mlp(target) && start < layers - 1;
+                let tokens = self.model.config.vision.tokens();
                 let base = self.base_overrides();
                 for (ci, r) in self.chunks().into_iter().enumerate() {
                     let n = r.len();
                     let mut h = self.tokens(ci)?;
                     self.model.vision_layers(&mut h, n, 0..start, &base)?;
+                    if mlp_only {
+                        let mask = AttentionMask::default();
+                        self.model.attention_residual(
+                            &mut h,
+                            Tower::Visual,
+                            start,
+                            n,
+                            tokens,
+                            &mask,
+                            &base,
+                        )?;
+                    }
                     let memo = DeltaMemo::default();
-                    for (ci, &rank) in ranks.iter().enumerate() {
+                    for (ri, &rank) in ranks.iter().enumerate() {
                         memo.rewind();
                         let ov = self.candidate_overrides(target, &vt, &su, kmax, rank, &memo);
                         let mut hc = b.duplicate(&h)?;
+                        let mut from = start;
+                        if mlp_only {
+                            self.model.mlp_residual(
+                                &mut hc,
+                                n * tokens,
+                                Tower::Visual,
+                                start,
+                                &ov,
+                            )?;
+                            from += 1;
+                        }
                         self.model
-                            .vision_layers(&mut hc, n, start..layers - 1, &ov)?;
+                            .vision_layers(&mut hc, n, from..layers - 1, &ov)?;
                         let (g, l) = self.head_features(&hc, n, &ov)?;
-                        evals[ci].extend(self.eval_chunk(&g, &l, &text, &r)?);
+                        evals[ri].extend(self.eval_chunk(&g, &l, &text, &r)?);
                         bar.inc(1);
                     }
                 }
@@ -477,30 +504,52 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let features = self.image_features(bar)?;
                 let layers = self.layers(Tower::Text);
                 let start = target.layer.unwrap_or(layers);
+                let mlp_only = is_mlp(target) && start < layers;
                 let d = self.data;
                 let base = self.base_overrides();
-                // Hidden states entering the target layer, per prompt bucket.
+                // Hidden states entering the target layer (past its attention half when the
+                // target is in the MLP), per prompt bucket.
                 let mut states = Vec::with_capacity(d.prompts.buckets.len());
                 for bk in &d.prompts.buckets {
                     let mut h = self.model.text_embed(&bk.ids, &bk.lengths, bk.seq)?;
                     self.model
                         .text_layers(&mut h, &bk.lengths, bk.seq, 0..start, &base)?;
+                    if mlp_only {
+                        let mask = text_mask(&bk.lengths);
+                        let n = bk.lengths.len();
+                        self.model.attention_residual(
+                            &mut h,
+                            Tower::Text,
+                            start,
+                            n,
+                            bk.seq,
+                            &mask,
+                            &base,
+                        )?;
+                    }
                     states.push(h);
                 }
                 let memo = DeltaMemo::default();
-                for (ci, &rank) in ranks.iter().enumerate() {
+                for (ri, &rank) in ranks.iter().enumerate() {
                     memo.rewind();
                     let ov = self.candidate_overrides(target, &vt, &su, kmax, rank, &memo);
                     let mut feats = Vec::with_capacity(states.len());
                     for (bk, h) in d.prompts.buckets.iter().zip(&states) {
                         let mut hc = b.duplicate(h)?;
+                        let mut from = start;
+                        if mlp_only {
+                            let rows = bk.lengths.len() * bk.seq;
+                            self.model
+                                .mlp_residual(&mut hc, rows, Tower::Text, start, &ov)?;
+                            from += 1;
+                        }
                         self.model
-                            .text_layers(&mut hc, &bk.lengths, bk.seq, start..layers, &ov)?;
+                            .text_layers(&mut hc, &bk.lengths, bk.seq, from..layers, &ov)?;
                         feats.push(self.model.text_head(&hc, &bk.ids, bk.seq, &ov)?);
                     }
                     let text = normalised(d.prompts.scatter(&feats, dim), dim)?;
                     let text = b.tensor(text)?;
-                    evals[ci] = self.eval_features(&features, &text, bar)?;
+                    evals[ri] = self.eval_features(&features, &text, bar)?;
                 }
             }
         }
@@ -549,4 +598,9 @@ impl<'a, B: Backend> Engine<'a, B> {
     pub fn units(&self, n: usize) -> u64 {
         (n * self.chunks().len()) as u64
     }
+}
+
+/// Whether `target` is in a block's MLP, after the block's attention half.
+fn is_mlp(target: Target) -> bool {
+    target.layer.is_some() && matches!(target.weight, WeightType::Up | WeightType::Down)
 }

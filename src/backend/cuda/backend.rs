@@ -47,6 +47,10 @@ pub struct CudaOptions {
     /// (bf16 / f16, head_dim 64); else scores GEMM, softmax kernel, P·V GEMM. Opt-in while
     /// new (`SETAR_CUDA_ATTENTION=fused`).
     pub fused_attention: bool,
+    /// Add the attention and MLP outputs into the residual stream inside their GEMMs
+    /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
+    /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
+    pub fused_residual: bool,
 }
 
 impl CudaOptions {
@@ -60,6 +64,7 @@ impl CudaOptions {
             profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             wide_residual: !std::env::var("SETAR_CUDA_NARROW_RESIDUAL").is_ok_and(|v| v == "1"),
             fused_attention: std::env::var("SETAR_CUDA_ATTENTION").is_ok_and(|v| v == "fused"),
+            fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -425,6 +430,13 @@ impl CudaBackend {
             }
         };
         Ok(CudaTensor { buf })
+    }
+
+    /// Host f32 → an f32 tensor whatever the storage dtype (a widened residual stream).
+    pub fn tensor_f32(&self, data: &[f32]) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.dev.upload(data, DType::F32)?,
+        })
     }
 
     /// The same as the upload of [`Backend::tensor`], but rounding on the device: f32 across
@@ -910,6 +922,85 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// `h += x·wᵀ + bias` in one cuBLASLt call when it can (the stream `h` as C and D, the
+    /// bias in its dtype); else, or with `fused_residual` off, a Linear and a residual add.
+    fn linear_add(
+        &self,
+        h: &mut CudaTensor,
+        x: &CudaTensor,
+        rows: usize,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<()> {
+        let separate = |h: &mut CudaTensor| {
+            let y = self.linear(x, rows, w, bias, out_dim, in_dim)?;
+            self.add_assign(h, &y)
+        };
+        let h_type = h.dtype();
+        if !self.opts.fused_residual
+            || self.gemm.path() == GemmPath::Blas
+            || rows == 0
+            || out_dim == 0
+            || in_dim == 0
+            || (h_type != self.opts.dtype && h_type != DType::F32)
+        {
+            return separate(h);
+        }
+        let fused = self.profiled("linear+residual", || {
+            self.storage("linear input", x)?;
+            check_len("linear input", x.len(), rows * in_dim)?;
+            check_len("linear weight", w.len(), out_dim * in_dim)?;
+            check_len("residual", h.len(), rows * out_dim)?;
+            // cuBLASLt takes the bias in the output's dtype: widen it for an f32 stream.
+            let wide;
+            let bias = match bias {
+                None => None,
+                Some(b) => {
+                    check_len("linear bias", b.len(), out_dim)?;
+                    if b.dtype() == h_type {
+                        Some(b.ptr())
+                    } else {
+                        wide = self.empty_of(out_dim, DType::F32)?;
+                        self.launch(
+                            "cast_to_f32",
+                            Launch::elementwise(out_dim as u64),
+                            &[
+                                Arg::Ptr(b.ptr()),
+                                Arg::Ptr(wide.ptr()),
+                                Arg::I64(i64_of(out_dim)),
+                            ],
+                        )?;
+                        Some(wide.ptr())
+                    }
+                }
+            };
+            let r = self.gemm.linear_accumulate(
+                &self.dev,
+                x.ptr(),
+                rows,
+                w.ptr(),
+                bias,
+                h.ptr(),
+                h_type,
+                out_dim,
+                in_dim,
+                self.opts.dtype,
+            );
+            if r.is_ok() {
+                self.after("GEMM + residual")?;
+            }
+            Ok(r.is_ok())
+        })?;
+        if fused {
+            Ok(())
+        } else {
+            // No cuBLASLt algorithm for this problem (remembered by the Gemm).
+            separate(h)
+        }
+    }
+
     fn layer_norm(
         &self,
         x: &CudaTensor,
@@ -963,15 +1054,33 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// The vectorised `activate` kernel (16-byte loads; buffers are 256-byte aligned, and the
+    /// check keeps it honest), else `bias_act` without a bias, one value per thread.
     fn activate(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
         self.profiled("activation", || {
-            let mut start = 0;
-            while start < x.len() {
-                let n = CHUNK.min(x.len() - start);
-                self.bias_act(x.buf.ptr_at(start), None, 1, n, act_code(act))?;
-                start += n;
+            self.storage("activation input", x)?;
+            if x.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            if x.ptr() % 16 != 0 {
+                let mut start = 0;
+                while start < x.len() {
+                    let n = CHUNK.min(x.len() - start);
+                    self.bias_act(x.buf.ptr_at(start), None, 1, n, act_code(act))?;
+                    start += n;
+                }
+                return Ok(());
+            }
+            let per_load = (16 / x.dtype().size()) as u64;
+            self.launch(
+                "activate",
+                Launch::elementwise((x.len() as u64).div_ceil(per_load)),
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::I64(i64_of(x.len())),
+                    Arg::I32(act_code(act)),
+                ],
+            )
         })
     }
 

@@ -101,7 +101,10 @@ struct PlanKey {
     m: u64,
     n: u64,
     k: u64,
+    /// The operands' dtype (A and B).
     dtype: DType,
+    /// The output's dtype (C and D, and the bias).
+    out: DType,
     bias: bool,
     align: [u32; 3],
 }
@@ -249,7 +252,8 @@ impl Gemm {
         dev.bind()?;
         let mut h = self.lock();
         if path != GemmPath::Blas {
-            match lt_linear(&mut h, dev, x, w, bias, out, (m, n, k), dtype) {
+            let io = (dtype, dtype, 0.0);
+            match lt_linear(&mut h, dev, x, w, bias, out, (m, n, k), io) {
                 Ok(()) => return Ok(true),
                 Err(e) if path == GemmPath::Lt => return Err(e),
                 Err(_) => {} // no cuBLASLt algorithm for this shape: cuBLAS below
@@ -283,6 +287,42 @@ impl Gemm {
         }
         .map_err(|e| blas_err(&format!("GemmEx {out_dim}x{rows}x{in_dim} {dtype}"), e))?;
         Ok(false)
+    }
+
+    /// `h[rows, out_dim] += x[rows, in_dim] · w[out_dim, in_dim]ᵀ (+ bias)` in one cuBLASLt
+    /// call (beta = 1, C = D = h): x, w in `dtype`; h and the bias in `h_type` (f32 for the
+    /// widened residual stream). An error when cuBLASLt has no algorithm (the caller then
+    /// adds a separate product), or when this Gemm is pinned to cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_accumulate(
+        &self,
+        dev: &Device,
+        x: u64,
+        rows: usize,
+        w: u64,
+        bias: Option<u64>,
+        h: u64,
+        h_type: DType,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: DType,
+    ) -> Result<()> {
+        if self.path == GemmPath::Blas {
+            return Err(Error::invalid("accumulating GEMM: cuBLASLt only"));
+        }
+        let (m, n, k) = (int("m", out_dim)?, int("n", rows)?, int("k", in_dim)?);
+        dev.bind()?;
+        let mut h_lock = self.lock();
+        lt_linear(
+            &mut h_lock,
+            dev,
+            x,
+            w,
+            bias,
+            h,
+            (m, n, k),
+            (dtype, h_type, 1.0),
+        )
     }
 
     /// A strided-batched product (attention), through `cublasGemmStridedBatchedEx`.
@@ -335,8 +375,9 @@ impl Gemm {
     }
 }
 
-/// cuBLASLt `D = op(A)·B (+ bias)`, with A = w (transposed), B = x, D = out; plans cached by
-/// shape, dtype, bias and pointer alignment.
+/// cuBLASLt `D = op(A)·B (+ bias) + beta·C`, with A = w (transposed), B = x, C = D = out;
+/// `(dtype, out_type, beta)`: the operands' dtype, the output's (and bias's), and beta (0 or
+/// 1). Plans cached by shape, dtypes, bias and pointer alignment.
 #[allow(clippy::too_many_arguments)]
 fn lt_linear(
     h: &mut Handles,
@@ -346,19 +387,20 @@ fn lt_linear(
     bias: Option<u64>,
     out: u64,
     (m, n, k): (i32, i32, i32),
-    dtype: DType,
+    (dtype, out_type, beta): (DType, DType, f32),
 ) -> Result<()> {
     let key = PlanKey {
         m: m as u64,
         n: n as u64,
         k: k as u64,
         dtype,
+        out: out_type,
         bias: bias.is_some(),
         align: [alignment(w), alignment(x), alignment(out)],
     };
     if h.no_plan.contains(&key) {
         return Err(Error::invalid(format!(
-            "cuBLASLt has no algorithm for {m}x{n}x{k} {dtype}"
+            "cuBLASLt has no algorithm for {m}x{n}x{k} {dtype}→{out_type}"
         )));
     }
     if !h.plans.contains_key(&key) {
@@ -383,9 +425,10 @@ fn lt_linear(
             &b,
         )?;
     }
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     // SAFETY: the plan describes exactly these buffers' shapes; C and D are the same memory
-    // (beta = 0); the workspace belongs to this handle set.
+    // with the same layout (in place, as cuBLASLt allows); the workspace belongs to this
+    // handle set.
     unsafe {
         lt_result::matmul(
             h.lt,
@@ -406,7 +449,7 @@ fn lt_linear(
             dev.stream().cu_stream() as _,
         )
     }
-    .map_err(|e| lt_err(&format!("matmul {m}x{n}x{k} {dtype}"), e))
+    .map_err(|e| lt_err(&format!("matmul {m}x{n}x{k} {dtype}→{out_type}"), e))
 }
 
 fn set_desc<T>(
@@ -429,7 +472,7 @@ fn set_desc<T>(
 fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
     use lt_sys::cublasLtMatmulDescAttributes_t as D;
     use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
-    let t = lt_type(key.dtype);
+    let (t, out) = (lt_type(key.dtype), lt_type(key.out));
     let desc = lt_result::create_matmul_desc(
         lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         lt_sys::cudaDataType::CUDA_R_32F,
@@ -453,15 +496,15 @@ fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
     };
     set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
     if key.bias {
-        // The bias vector has the output's dtype (matching D), length m.
-        set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &t)?;
+        // The bias vector has the output's dtype (as cuBLASLt requires outside FP8), length m.
+        set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out)?;
     }
     // A = W' stored k × m (transposed by the op), B = X' stored k × n, C = D = Y' m × n.
     plan.a = lt_result::create_matrix_layout(t, key.k, key.m, key.k as i64)
         .map_err(|e| lt_err("layout A", e))?;
     plan.b = lt_result::create_matrix_layout(t, key.k, key.n, key.k as i64)
         .map_err(|e| lt_err("layout B", e))?;
-    plan.c = lt_result::create_matrix_layout(t, key.m, key.n, key.m as i64)
+    plan.c = lt_result::create_matrix_layout(out, key.m, key.n, key.m as i64)
         .map_err(|e| lt_err("layout C", e))?;
     let pref = lt_result::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
     let chosen = (|| {
@@ -494,8 +537,8 @@ fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
         .map_err(|e| {
             lt_err(
                 &format!(
-                    "no algorithm for {}x{}x{} {} (bias {})",
-                    key.m, key.n, key.k, key.dtype, key.bias
+                    "no algorithm for {}x{}x{} {}→{} (bias {})",
+                    key.m, key.n, key.k, key.dtype, key.out, key.bias
                 ),
                 e,
             )

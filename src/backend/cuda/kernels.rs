@@ -72,7 +72,7 @@ pub const UNITS: &[Unit] = &[
     Unit {
         name: "activation",
         source: include_str!("../../../kernels/activation.cu"),
-        ops: &["bias_act"],
+        ops: &["bias_act", "activate"],
         dtypes: ALL,
     },
     Unit {

@@ -129,7 +129,8 @@ mod check {
     }
 
     /// Backend variants: a dtype, optionally with `+fused` (the fused attention kernel) or
-    /// `+narrow` (the residual stream in the storage dtype), e.g. `bf16+fused`.
+    /// `+narrow` (the residual stream in the storage dtype) or `+separate` (residual adds by
+    /// a kernel, not in the GEMMs), e.g. `bf16+fused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -138,6 +139,7 @@ mod check {
             match flag {
                 "fused" => o.fused_attention = true,
                 "narrow" => o.wide_residual = false,
+                "separate" => o.fused_residual = false,
                 other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
             }
         }
