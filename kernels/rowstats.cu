@@ -65,12 +65,14 @@ extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
     }
     rank = warp_sum_i(rank);
 
-    // Pass 2: Σ exp(x − m) and Σ exp((x − m)/T).
+    // Pass 2: Σ exp(x − m) and Σ exp((x − m)/T) (the same terms at T = 1, the loss's case).
     double s = 0.0, st = 0.0;
+    const bool t1 = inv_t == 1.f;
     for (int c = lane; c < classes; c += 32) {
         float d = x[c] - m;
-        s += (double)expf(d);
-        st += (double)expf(d * inv_t);
+        float e = expf(d);
+        s += (double)e;
+        st += (double)(t1 ? e : expf(d * inv_t));
     }
     s = warp_sum_d(s);
     st = warp_sum_d(st);

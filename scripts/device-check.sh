@@ -12,8 +12,9 @@
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
 #   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])
 # Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (backend
-# variants: a dtype plus +fused (fused attention), +narrow (bf16 residual stream), +separate
-# (residual adds by a kernel, not in the GEMMs)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
+# variants: a dtype plus +unfused / +fused (the attention path; default: fused where it
+# passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
+# a kernel, not in the GEMMs)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
 # binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
@@ -33,8 +34,8 @@ BATCH=${BATCH:-256}
 REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
-DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+fused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+fused}
+DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+unfused}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 mkdir -p "$OUT"
@@ -85,13 +86,14 @@ else
   rc=$?
   tail -3 "$OUT/tests.log"
   [ $rc -eq 0 ] || { echo "GPU TESTS (NVRTC kernels) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
-  # The attention and whole-model tests again with the fused attention kernel on.
-  echo "== GPU tests again, fused attention (SETAR_CUDA_ATTENTION=fused)"
-  SETAR_CUDA_ATTENTION=fused SETAR_REQUIRE_CUDA=1 timeout 240 "$tests" attention models_match \
+  # The whole-model and search tests again with the unfused attention (the default runs the
+  # fused kernel where it passes its self-check).
+  echo "== GPU tests again, unfused attention (SETAR_CUDA_ATTENTION=unfused)"
+  SETAR_CUDA_ATTENTION=unfused SETAR_REQUIRE_CUDA=1 timeout 240 "$tests" models_match \
     search_fixtures --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
   rc=$?
   tail -3 "$OUT/tests.log"
-  [ $rc -eq 0 ] || { echo "GPU TESTS (fused attention) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
+  [ $rc -eq 0 ] || { echo "GPU TESTS (unfused attention) FAILED (rc $rc): see $OUT/tests.log"; status=1; }
 fi
 
 echo "== setar-engine device_check (parity + image tower, batch $BATCH)"
@@ -152,7 +154,7 @@ L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, f
 bf = tower.get("bf16", {})
 if isinstance(g_torch, float) and "tflops_device_resident" in bf:
     L.append(f"Image tower bf16 at {bf['tflops_device_resident'] / g_torch:.0%} of the measured torch bf16 GEMM rate (target ≥ 50%).")
-L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless +narrow; residual adds in the GEMMs unless +separate; +fused: fused attention kernel), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
+L += ["", "Parity, CUDA vs CPU f32 (residual stream in f32 unless +narrow; residual adds in the GEMMs unless +separate; fused attention unless +unfused), worst ‖Δ‖/‖ref‖ over image / local / text embeddings and logits:", "",
       "| checkpoint | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
 for name, r in ours.get("parity", {}).items():
     if "error" in r:
@@ -172,6 +174,13 @@ for d, r in search.items():
     L.append(f"- setar-engine {d}: {s['seconds']:.2f} s for {s['images']} images x {s['classes']} classes "
              f"({s['candidates_evaluated']} candidates evaluated; the 24 SVDs {s['svd_seconds']:.2f} s of it), "
              f"peak device memory {s['peak_device_memory_bytes'] / 2**30:.2f} GiB")
+    for name, st in (r.get("step_profile") or {}).items():
+        if isinstance(st, dict) and "ops" in st:
+            what = f"{st['candidates']} candidates" if "candidates" in st else "the plan's SVDs"
+            L.append(f"- {d} step profile, {name}: {what} in {st['seconds_profiled']:.3f} s (ops synchronised): "
+                     + ", ".join(f"{o['op']} {o['ms']:.1f} ms x{o['calls']}" for o in st["ops"]))
+        elif name == "error" or (isinstance(st, dict) and "error" in st):
+            L.append(f"- {d} step profile: ERROR {st if name == 'error' else st['error']}")
     sc = r.get("scoring", {})
     if "img_per_s" in sc:
         L.append(f"- scoring (tower + local features + MCM & GL-MCM), {d}: {sc['images']} images in {sc['seconds']:.2f} s = {sc['img_per_s']:.0f} img/s")

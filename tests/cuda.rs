@@ -12,7 +12,9 @@ mod common;
 
 use common::{fixtures, rel_err, tensor};
 use setar_engine::backend::cpu::{self, CpuBackend};
-use setar_engine::backend::cuda::{kernels, CudaBackend, CudaOptions, DType, GemmPath};
+use setar_engine::backend::cuda::{
+    kernels, AttentionPath, CudaBackend, CudaOptions, DType, GemmPath,
+};
 use setar_engine::backend::{fastmath, AttentionMask, AttentionShape, Backend};
 use setar_engine::config::{Activation, ClipConfig};
 use setar_engine::model::clip::{l2_normalize_rows, logits};
@@ -594,9 +596,22 @@ fn softmax_matches_cpu_with_masks() {
     }
 }
 
+/// The unfused attention (scores GEMM, softmax kernel, P·V GEMM), which also serves every
+/// head_dim the fused kernel does not, against the CPU.
 #[test]
 fn attention_matches_cpu() {
     let mut rng = Rng::new("attention");
+    let mut unfused = Vec::new();
+    for dtype in DType::ALL {
+        let Some(shared) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let opts = CudaOptions {
+            attention: AttentionPath::Unfused,
+            ..shared.options()
+        };
+        unfused.push((dtype, CudaBackend::with_options(0, opts).unwrap()));
+    }
     let shapes = [
         (3, 13, 13, 3, 7),
         (5, 9, 9, 2, 16),
@@ -616,10 +631,8 @@ fn attention_matches_cpu() {
         let k = rng.vec(batch * seq * wd, -1.5, 1.5);
         let v = rng.vec(batch * seq * wd, -1.0, 1.0);
         for (name, mask) in masks(batch, seq, &mut rng) {
-            for dtype in DType::ALL {
-                let Some(b) = backend(dtype, GemmPath::Auto) else {
-                    return;
-                };
+            for (dtype, b) in &unfused {
+                let (dtype, b) = (*dtype, b);
                 let (qs, ks, vs) = (stored(dtype, &q), stored(dtype, &k), stored(dtype, &v));
                 let want = CpuBackend::new()
                     .attention(&qs, &ks, &vs, shape, &mask)
@@ -638,6 +651,33 @@ fn attention_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+/// By default (`AttentionPath::Auto`) a bf16 / f16 backend runs the fused attention kernel:
+/// it must pass the start-up self-check on this device (else the fallback is reported here).
+#[test]
+fn auto_attention_uses_the_fused_kernel() {
+    for dtype in [DType::BF16, DType::F16] {
+        let Some(shared) = backend(dtype, GemmPath::Auto) else {
+            return;
+        };
+        let b = CudaBackend::with_options(
+            0,
+            CudaOptions {
+                attention: AttentionPath::Auto,
+                ..shared.options()
+            },
+        )
+        .unwrap();
+        assert!(
+            b.uses_fused_attention(),
+            "{dtype}: {}",
+            b.attention_note().unwrap_or("fused attention off")
+        );
+    }
+    if let Some(b) = backend(DType::F32, GemmPath::Auto) {
+        assert!(!b.uses_fused_attention(), "f32 has no fused attention");
     }
 }
 
@@ -662,7 +702,7 @@ fn fused_attention_matches_cpu() {
         let opts = CudaOptions {
             poison: true,
             sync_each_op: true,
-            fused_attention: true,
+            attention: AttentionPath::Fused,
             ..CudaOptions::new(dtype)
         };
         let b = CudaBackend::with_options(0, opts).unwrap();
@@ -893,15 +933,17 @@ fn logit_row_stats_match_cpu() {
             return;
         };
         let xs = stored(dtype, &x);
-        for (rpl, labels) in [
-            (per, labels.clone()),
-            (1, (0..rows).map(|r| labels[r / per]).collect()),
+        // T = 1 (the loss's case) shares the kernel's exponentials between the two sums.
+        for (rpl, labels, t) in [
+            (per, labels.clone(), 0.7),
+            (1, (0..rows).map(|r| labels[r / per]).collect(), 0.7),
+            (per, labels.clone(), 1.0),
         ] {
             let want = cpu
-                .logit_row_stats(&xs, &eye, classes, 1.7, &labels, rpl, 0.7)
+                .logit_row_stats(&xs, &eye, classes, 1.7, &labels, rpl, t)
                 .unwrap();
             let got = b
-                .logit_row_stats(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, rpl, 0.7)
+                .logit_row_stats(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, rpl, t)
                 .unwrap();
             assert_eq!(got.len(), rows);
             for (i, (g, c)) in got.iter().zip(&want).enumerate() {

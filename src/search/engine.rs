@@ -3,7 +3,8 @@
 //! *Cached* (the default): the SVD of each target is computed once; decided settings are
 //! materialised once; while the vision tower is searched the text features are fixed (and the
 //! image features while the text tower is); the hidden states entering the target's layer are
-//! computed once per chunk of images and shared by every candidate, which re-runs only the
+//! computed once per chunk of images (from the nearest kept checkpoint below, see
+//! `vision_states`) and shared by every candidate, which re-runs only the
 //! layers from the target upward (from the target's MLP when the target is `mlp.fc1` or
 //! `mlp.fc2`: the block's attention half is shared too); within the target's Linear, x·Wᵀ and x·V are shared by all
 //! candidate ratios, each of which subtracts a prefix of the removed components.
@@ -12,7 +13,7 @@
 //! re-runs both towers on everything.
 
 use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
-use super::SearchConfig;
+use super::{memory, SearchConfig};
 use crate::backend::{AttentionMask, Backend};
 use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target, Tower, WeightType};
@@ -22,6 +23,7 @@ use crate::model::prompts::PromptBuckets;
 use crate::model::Clip;
 use crate::weights::{F32Data, WeightsFile};
 use indicatif::ProgressBar;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -81,9 +83,12 @@ pub struct Engine<'a, B: Backend> {
     image_cache: Option<(u64, Arc<ImageFeatureSet<B::Tensor>>)>,
     text_version: u64,
     vision_version: u64,
-    /// Per chunk, the vision tower's input tokens (patch + position embeddings, pre-LN): no
-    /// setting touches them, so the pixels go to the backend once per search, not per step.
-    embedded: Vec<B::Tensor>,
+    /// Per chunk, the hidden states entering vision layers, by layer: layer 0 (the embedded
+    /// tokens, which no setting touches, so the pixels go to the backend once per search),
+    /// and the checkpoint layers of `memory::checkpoint_layers`, kept while no vision setting
+    /// below them is decided: a top-down search computes the tower's lower layers once, not
+    /// once per step. (A cell: filled while the decided settings' overrides borrow the engine.)
+    vision_states: RefCell<Vec<BTreeMap<usize, B::Tensor>>>,
 }
 
 fn owned(v: Vec<f32>) -> F32Data {
@@ -109,7 +114,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             image_cache: None,
             text_version: 0,
             vision_version: 0,
-            embedded: Vec::new(),
+            vision_states: RefCell::new(Vec::new()),
         }
     }
 
@@ -248,6 +253,12 @@ impl<'a, B: Backend> Engine<'a, B> {
                 Tower::Visual => self.vision_version += 1,
                 Tower::Text => self.text_version += 1,
             }
+            // States entering layers above a changed vision block are stale.
+            if let (Tower::Visual, Some(d)) = (target.tower, target.layer) {
+                for states in self.vision_states.get_mut() {
+                    states.retain(|&l, _| l <= d);
+                }
+            }
         }
         Ok(())
     }
@@ -281,20 +292,42 @@ impl<'a, B: Backend> Engine<'a, B> {
         &self.data.pixels[r.start * per..r.end * per]
     }
 
-    /// Embeds every chunk's pixels once (see `embedded`).
+    /// Embeds every chunk's pixels once (layer 0 of `vision_states`).
     fn embed_chunks(&mut self) -> Result<()> {
-        if self.embedded.is_empty() {
+        if self.vision_states.get_mut().is_empty() {
+            let mut all = Vec::new();
             for r in self.chunks() {
                 let e = self.model.vision_embed(self.pixels(&r), r.len())?;
-                self.embedded.push(e);
+                all.push(BTreeMap::from([(0, e)]));
             }
+            *self.vision_states.get_mut() = all;
         }
         Ok(())
     }
 
-    /// A fresh copy of chunk `ci`'s input tokens, to run layers on.
-    fn tokens(&self, ci: usize) -> Result<B::Tensor> {
-        self.model.backend.duplicate(&self.embedded[ci])
+    /// A fresh copy of chunk `ci`'s hidden states entering vision layer `layer` under the
+    /// decided settings: from the nearest kept state at or below it, keeping the checkpoints
+    /// passed on the way.
+    fn state_entering(&self, ci: usize, layer: usize, n: usize) -> Result<B::Tensor> {
+        let b = &self.model.backend;
+        let ov = &self.base_overrides();
+        let (mut at, mut h) = {
+            let states = self.vision_states.borrow();
+            let (&at, t) = states[ci]
+                .range(..=layer)
+                .next_back()
+                .ok_or_else(|| Error::invalid("the embedded tokens are missing"))?;
+            (at, b.duplicate(t)?)
+        };
+        let from = at;
+        let keep = memory::checkpoint_layers(self.layers(Tower::Visual));
+        for &next in keep.iter().filter(|&&c| c > from && c <= layer) {
+            self.model.vision_layers(&mut h, n, at..next, ov)?;
+            self.vision_states.borrow_mut()[ci].insert(next, b.duplicate(&h)?);
+            at = next;
+        }
+        self.model.vision_layers(&mut h, n, at..layer, ov)?;
+        Ok(h)
     }
 
     fn classes(&self) -> usize {
@@ -356,8 +389,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         for (ci, r) in self.chunks().into_iter().enumerate() {
             bar.set_message(format!("image features {}/{}", r.end, self.data.len()));
             let n = r.len();
-            let mut h = self.tokens(ci)?;
-            self.model.vision_layers(&mut h, n, 0..layers - 1, &ov)?;
+            let h = self.state_entering(ci, layers - 1, n)?;
             chunks.push(self.head_features(&h, n, &ov)?);
         }
         drop(ov);
@@ -462,8 +494,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let base = self.base_overrides();
                 for (ci, r) in self.chunks().into_iter().enumerate() {
                     let n = r.len();
-                    let mut h = self.tokens(ci)?;
-                    self.model.vision_layers(&mut h, n, 0..start, &base)?;
+                    let mut h = self.state_entering(ci, start, n)?;
                     if mlp_only {
                         let mask = AttentionMask::default();
                         self.model.attention_residual(

@@ -44,11 +44,28 @@ pub fn vision_bytes_per_image(c: &ClipConfig, value_bytes: usize) -> usize {
     rows + attention
 }
 
-/// Bytes held for the whole search: the weights, and the normalised global and local image
-/// features of `images` images (cached while the text tower is searched).
+/// Every how many vision layers the search keeps the hidden states entering a layer
+/// (⌈√layers⌉: a step then re-runs at most that many − 1 blocks below its target).
+pub fn checkpoint_stride(layers: usize) -> usize {
+    ((layers as f64).sqrt().ceil() as usize).max(1)
+}
+
+/// The layers whose entering hidden states the search keeps besides layer 0: the multiples
+/// of [`checkpoint_stride`] below the last layer (which the head runs).
+pub fn checkpoint_layers(layers: usize) -> Vec<usize> {
+    let stride = checkpoint_stride(layers);
+    (1..layers).filter(|l| l % stride == 0).collect()
+}
+
+/// Bytes held for the whole search: the weights; the normalised global and local image
+/// features of `images` images (cached while the text tower is searched); and the vision
+/// hidden states of every image entering layer 0 and each checkpoint layer (the residual
+/// stream, f32 on every backend).
 pub fn resident_bytes(c: &ClipConfig, params: usize, value_bytes: usize, images: usize) -> usize {
     let patches = c.vision.grid() * c.vision.grid();
-    value_bytes * (params + images * (patches + 1) * c.projection_dim)
+    let states = 1 + checkpoint_layers(c.vision.tower.layers).len();
+    let state_bytes = 4 * images * c.vision.tokens() * c.vision.tower.hidden;
+    value_bytes * (params + images * (patches + 1) * c.projection_dim) + states * state_bytes
 }
 
 /// The chunk size under `budget` bytes: `requested`, lowered to what fits (with a 10% margin
@@ -90,6 +107,14 @@ mod tests {
         for bad in ["", "G", "-1G", "lots", "0"] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn checkpoints_split_the_tower_evenly() {
+        assert_eq!(checkpoint_layers(12), vec![4, 8]);
+        assert_eq!(checkpoint_layers(24), vec![5, 10, 15, 20]);
+        assert_eq!(checkpoint_layers(3), vec![2]);
+        assert!(checkpoint_layers(1).is_empty());
     }
 
     #[test]

@@ -43,10 +43,10 @@ pub struct CudaOptions {
     /// the storage dtype. About halves the error against f32 (`SETAR_CUDA_NARROW_RESIDUAL=1`
     /// stores it in the storage dtype, as HF's bf16 models do).
     pub wide_residual: bool,
-    /// Attention through the fused tensor-core kernel (kernels/attention.cu) where it applies
-    /// (bf16 / f16, head_dim 64); else scores GEMM, softmax kernel, P·V GEMM. Opt-in while
-    /// new (`SETAR_CUDA_ATTENTION=fused`).
-    pub fused_attention: bool,
+    /// Which attention runs where the fused tensor-core kernel (kernels/attention.cu)
+    /// applies (bf16 / f16, head_dim 64); elsewhere always scores GEMM, softmax kernel, P·V
+    /// GEMM (`SETAR_CUDA_ATTENTION=auto|fused|unfused`).
+    pub attention: AttentionPath,
     /// Add the attention and MLP outputs into the residual stream inside their GEMMs
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
@@ -63,10 +63,27 @@ impl CudaOptions {
             max_memory: None,
             profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             wide_residual: !std::env::var("SETAR_CUDA_NARROW_RESIDUAL").is_ok_and(|v| v == "1"),
-            fused_attention: std::env::var("SETAR_CUDA_ATTENTION").is_ok_and(|v| v == "fused"),
+            attention: match std::env::var("SETAR_CUDA_ATTENTION").as_deref() {
+                Ok("fused") => AttentionPath::Fused,
+                Ok("unfused") => AttentionPath::Unfused,
+                _ => AttentionPath::Auto,
+            },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
         }
     }
+}
+
+/// The attention of [`CudaOptions::attention`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AttentionPath {
+    /// The fused kernel if it passes the backend's start-up self-check against the CPU on
+    /// this device (else the unfused path, and [`CudaBackend::attention_note`] says why).
+    #[default]
+    Auto,
+    /// The fused kernel; failing the self-check is an error.
+    Fused,
+    /// Scores GEMM, softmax kernel, P·V GEMM.
+    Unfused,
 }
 
 /// A tensor (or weight) on the device: `len` values of the backend's dtype.
@@ -143,6 +160,10 @@ pub struct CudaBackend {
     opts: CudaOptions,
     /// Per op: seconds and calls, when profiling.
     profile: Option<Mutex<BTreeMap<&'static str, (f64, usize)>>>,
+    /// Whether the fused attention kernel runs where it applies (the options, resolved by the
+    /// self-check), and why not when `Auto` fell back.
+    fused_attention: bool,
+    attention_note: Option<String>,
 }
 
 impl CudaBackend {
@@ -159,14 +180,27 @@ impl CudaBackend {
             let dev = Device::open(ordinal, opts.poison)?.with_memory_limit(opts.max_memory);
             let kernels = Kernels::load(&dev)?;
             let gemm = Gemm::new(&dev, opts.gemm)?;
-            let backend = CudaBackend {
+            let mut backend = CudaBackend {
                 gemm,
                 kernels,
                 dev,
                 opts,
                 profile: opts.profile.then(Default::default),
+                fused_attention: false,
+                attention_note: None,
             };
             backend.self_check()?;
+            if opts.attention != AttentionPath::Unfused && opts.dtype != DType::F32 {
+                match backend.check_fused_attention() {
+                    Ok(()) => backend.fused_attention = true,
+                    Err(e) if opts.attention == AttentionPath::Fused => return Err(e),
+                    Err(e) => {
+                        let note = format!("fused attention off: {e}");
+                        eprintln!("warning: cuda:{ordinal}: {note}");
+                        backend.attention_note = Some(note);
+                    }
+                }
+            }
             Ok(backend)
         }));
         built.unwrap_or_else(|panic| {
@@ -183,6 +217,16 @@ impl CudaBackend {
 
     pub fn dtype(&self) -> DType {
         self.opts.dtype
+    }
+
+    /// Whether attention runs through the fused kernel where it applies.
+    pub fn uses_fused_attention(&self) -> bool {
+        self.fused_attention
+    }
+
+    /// Why `AttentionPath::Auto` fell back to the unfused attention, if it did.
+    pub fn attention_note(&self) -> Option<&str> {
+        self.attention_note.as_deref()
     }
 
     pub fn options(&self) -> CudaOptions {
@@ -718,6 +762,73 @@ impl CudaBackend {
         Ok(2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12)
     }
 
+    /// The fused attention kernel against the CPU's attention on two small head_dim-64
+    /// problems that cross a 64-key tile (causal with padding, all queries; no mask, the class
+    /// token alone), inputs exact in bf16 and f16: an error unless they agree to the rounding
+    /// of the probabilities.
+    fn check_fused_attention(&self) -> Result<()> {
+        let cpu = CpuBackend::new();
+        let cases = [
+            (
+                AttentionShape {
+                    batch: 2,
+                    seq: 70,
+                    queries: 70,
+                    heads: 2,
+                    head_dim: FUSED_HEAD_DIM,
+                },
+                AttentionMask {
+                    causal: true,
+                    lengths: Some(vec![70, 41]),
+                },
+            ),
+            (
+                AttentionShape {
+                    batch: 3,
+                    seq: 70,
+                    queries: 1,
+                    heads: 1,
+                    head_dim: FUSED_HEAD_DIM,
+                },
+                AttentionMask::default(),
+            ),
+        ];
+        for (i, (shape, mask)) in cases.iter().enumerate() {
+            let w = shape.width();
+            // Multiples of 1/8 in [-1, 1): exact in both 16-bit types.
+            let vals = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|j| (((j * 37 + seed * 11) % 16) as f32 - 8.0) * 0.125)
+                    .collect()
+            };
+            let q = vals(shape.batch * shape.queries * w, 1 + i);
+            let k = vals(shape.batch * shape.seq * w, 4 + i);
+            let v = vals(shape.batch * shape.seq * w, 7 + i);
+            let want = cpu.attention(&q, &k, &v, *shape, mask)?;
+            let out = self.empty(q.len())?;
+            let (dq, dk, dv) = (
+                self.upload_f32(&q)?,
+                self.upload_f32(&k)?,
+                self.upload_f32(&v)?,
+            );
+            self.fused_attention(&dq, &dk, &dv, &out, *shape, mask)?;
+            let got = self.download_f32(&out)?;
+            if let Some(j) = got.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "self-check: fused attention case {i}: element {j} is {}",
+                    got[j]
+                )));
+            }
+            let err = relative_error(&got, &want);
+            if err.is_nan() || err > 2e-2 {
+                return Err(Error::invalid(format!(
+                    "self-check: fused attention case {i} differs from the CPU by {err:.2e} (‖Δ‖/‖ref‖)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the Linear GEMM (both library paths where the options allow) and a tiny masked
     /// attention against the CPU once, so a broken library fails here, as an error.
     fn self_check(&self) -> Result<()> {
@@ -800,14 +911,22 @@ impl CudaBackend {
     }
 }
 
-fn close(what: &str, path: GemmPath, got: &[f32], want: &[f32], tol: f64) -> Result<()> {
+/// ‖got − want‖ / ‖want‖ (NaN when they differ in length).
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::NAN;
+    }
     let num: f64 = got
         .iter()
         .zip(want)
         .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
         .sum();
     let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    let err = (num / den.max(1e-30)).sqrt();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn close(what: &str, path: GemmPath, got: &[f32], want: &[f32], tol: f64) -> Result<()> {
+    let err = relative_error(got, want);
     if err.is_nan() || err > tol || got.len() != want.len() {
         return Err(Error::invalid(format!(
             "{what} ({path:?}) differs from the CPU: relative error {err:.3e} (got {got:?}, want {want:?})"
@@ -844,12 +963,17 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let (major, minor) = self.dev.arch();
         format!(
-            "cuda:{} {} (sm_{major}{minor}, {}, kernels: {}, GEMM: {:?})",
+            "cuda:{} {} (sm_{major}{minor}, {}, kernels: {}, GEMM: {:?}, attention: {})",
             self.dev.ordinal(),
             self.dev.name(),
             self.opts.dtype,
             self.kernels.summary(),
-            self.opts.gemm
+            self.opts.gemm,
+            if self.fused_attention {
+                "fused"
+            } else {
+                "unfused"
+            }
         )
     }
 
@@ -1148,7 +1272,7 @@ impl Backend for CudaBackend {
                 return Ok(out);
             }
             let d = self.opts.dtype;
-            if self.opts.fused_attention && d != DType::F32 && hd == FUSED_HEAD_DIM {
+            if self.fused_attention && d != DType::F32 && hd == FUSED_HEAD_DIM {
                 self.fused_attention(q, k, v, &out, shape, mask)?;
                 return Ok(out);
             }
@@ -1559,9 +1683,19 @@ impl Backend for CudaBackend {
         Ok(Some(out))
     }
 
+    /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].
     fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
-        let svds = super::svd::thin_svds(&self.dev, mats)?;
+        let mut phases = super::svd::Phases::new(&self.dev, self.profile.is_some());
+        let svds = super::svd::thin_svds(&self.dev, mats, &mut phases)?;
         self.after("SVD")?;
+        if let Some(p) = &self.profile {
+            let mut m = p.lock().unwrap_or_else(|e| e.into_inner());
+            for (phase, s) in phases.seconds {
+                let e = m.entry(phase).or_insert((0.0, 0));
+                e.0 += s;
+                e.1 += 1;
+            }
+        }
         Ok(svds)
     }
 }

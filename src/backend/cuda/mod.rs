@@ -23,7 +23,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod svd;
 
-pub use backend::{CudaBackend, CudaOptions, CudaTensor};
+pub use backend::{AttentionPath, CudaBackend, CudaOptions, CudaTensor};
 pub use device::{Device, DeviceBuffer};
 pub use gemm::GemmPath;
 

@@ -15,6 +15,7 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::cusolver::sys as solver_sys;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 fn solver_err(what: &str, status: solver_sys::cusolverStatus_t) -> Error {
     Error::invalid(format!("cuSOLVER {what}: {status:?}"))
@@ -142,9 +143,43 @@ fn dgemm(
     Ok(())
 }
 
+/// Wall time per phase of [`thin_svds`], the device synchronised at each boundary; off (no
+/// synchronisation, nothing kept) unless profiling.
+pub struct Phases<'a> {
+    dev: &'a Device,
+    last: Option<Instant>,
+    /// Seconds per phase, summed over the shape groups.
+    pub seconds: BTreeMap<&'static str, f64>,
+}
+
+impl<'a> Phases<'a> {
+    pub fn new(dev: &'a Device, on: bool) -> Phases<'a> {
+        Phases {
+            dev,
+            last: on.then(Instant::now),
+            seconds: BTreeMap::new(),
+        }
+    }
+
+    /// Ends phase `name` (the time since the previous boundary).
+    fn mark(&mut self, name: &'static str) -> Result<()> {
+        if let Some(last) = self.last {
+            self.dev.synchronize()?;
+            let now = Instant::now();
+            *self.seconds.entry(name).or_default() += (now - last).as_secs_f64();
+            self.last = Some(now);
+        }
+        Ok(())
+    }
+}
+
 /// Thin SVDs of row-major `[out, in]` f32 weights (each as [`Svd::new`] gives: singular values
-/// descending, `u [out, k]`, `v [in, k]` row-major).
-pub fn thin_svds(dev: &Device, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
+/// descending, `u [out, k]`, `v [in, k]` row-major), timing the phases into `phases`.
+pub fn thin_svds(
+    dev: &Device,
+    mats: &[(&[f32], usize, usize)],
+    phases: &mut Phases,
+) -> Result<Vec<Svd>> {
     for (i, (w, o, n)) in mats.iter().enumerate() {
         if w.len() != o * n || *o == 0 || *n == 0 {
             return Err(Error::invalid(format!(
@@ -162,7 +197,7 @@ pub fn thin_svds(dev: &Device, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Sv
     }
     let mut out: Vec<Option<Svd>> = (0..mats.len()).map(|_| None).collect();
     for ((o, n), members) in groups {
-        let svds = group(dev, &h, mats, &members, o, n)?;
+        let svds = group(dev, &h, mats, &members, o, n, phases)?;
         for (i, s) in members.into_iter().zip(svds) {
             out[i] = Some(s);
         }
@@ -178,6 +213,7 @@ fn group(
     members: &[usize],
     o: usize,
     n: usize,
+    phases: &mut Phases,
 ) -> Result<Vec<Svd>> {
     let b = members.len();
     let k = o.min(n);
@@ -191,6 +227,7 @@ fn group(
                 .for_each(|(d, &x)| *d = x as f64)
         });
     let w = dev.upload_indices(&host)?;
+    phases.mark("svd: f64 copy + upload")?;
     let gram = dev.alloc_raw(b * k * k * 8)?;
     // The row-major [o, n] W is the column-major M = Wᵀ (n × o), ld n.
     let (wp, gp) = (w.ptr(), gram.ptr());
@@ -217,8 +254,10 @@ fn group(
             b,
         )?;
     }
+    phases.mark("svd: Gram DGEMM")?;
     let eig = dev.alloc_raw(b * k * 8)?;
     syevd(dev, h, &gram, &eig, k, b)?;
+    phases.mark("svd: Dsyevd")?;
     // The other side times σ: W·Q (o × k, for Q = V) or Wᵀ·Q (n × k, for Q = U), column-major.
     let other_dim = if wide { n } else { o };
     let other = dev.alloc_raw(b * other_dim * k * 8)?;
@@ -246,9 +285,11 @@ fn group(
             b,
         )?;
     }
+    phases.mark("svd: other side DGEMM")?;
     let q: Vec<f64> = dev.download_raw(&gram, b * k * k)?;
     let lambda: Vec<f64> = dev.download_raw(&eig, b * k)?;
     let scaled: Vec<f64> = dev.download_raw(&other, b * other_dim * k)?;
+    phases.mark("svd: download")?;
     // Assemble each matrix's factors (in parallel: the writes are column-wise).
     let svds = (0..b)
         .into_par_iter()
@@ -284,6 +325,7 @@ fn group(
             svd
         })
         .collect();
+    phases.mark("svd: assemble on the host")?;
     Ok(svds)
 }
 

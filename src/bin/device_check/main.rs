@@ -47,7 +47,7 @@ mod search;
 mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
-    use setar_engine::backend::cuda::{self, CudaBackend, CudaOptions, DType};
+    use setar_engine::backend::cuda::{self, AttentionPath, CudaBackend, CudaOptions, DType};
     use setar_engine::backend::Backend;
     use setar_engine::config::ClipConfig;
     use setar_engine::model::clip::logits;
@@ -128,16 +128,18 @@ mod check {
         Ok(a)
     }
 
-    /// Backend variants: a dtype, optionally with `+fused` (the fused attention kernel) or
-    /// `+narrow` (the residual stream in the storage dtype) or `+separate` (residual adds by
-    /// a kernel, not in the GEMMs), e.g. `bf16+fused`.
+    /// Backend variants: a dtype, optionally with `+unfused` / `+fused` (the attention path;
+    /// by default the fused kernel where it passes its self-check), `+narrow` (the residual
+    /// stream in the storage dtype) or `+separate` (residual adds by a kernel, not in the
+    /// GEMMs), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
         let mut o = CudaOptions::new(dtype);
         for flag in parts {
             match flag {
-                "fused" => o.fused_attention = true,
+                "fused" => o.attention = AttentionPath::Fused,
+                "unfused" => o.attention = AttentionPath::Unfused,
                 "narrow" => o.wide_residual = false,
                 "separate" => o.fused_residual = false,
                 other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
@@ -370,6 +372,7 @@ mod check {
         let res = json!({
             "profile": profile,
             "backend": b.name(),
+            "attention_note": b.attention_note(),
             "batch": batch,
             "load_seconds": load_s,
             "seconds": total,
@@ -527,6 +530,20 @@ mod check {
                 super::search::time_scoring(&model, &data, args.score_images, 500)
                     .unwrap_or_else(|e| json!({ "error": e.to_string() })),
             );
+            drop(model);
+            // Once, for the first variant: where a vision and a text step spend their time.
+            if out.is_empty() {
+                let opts = CudaOptions {
+                    profile: true,
+                    ..options_for(spec)?
+                };
+                let profiled = Clip::load(CudaBackend::with_options(0, opts)?, &weights, &config)
+                    .and_then(|m| super::search::profile_steps(&m, &weights, &data, &cfg));
+                r.insert(
+                    "step_profile".into(),
+                    profiled.unwrap_or_else(|e| json!({ "error": e.to_string() })),
+                );
+            }
             out.insert(spec.clone(), Value::Object(r));
         }
         Ok(Value::Object(out))

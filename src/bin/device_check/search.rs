@@ -14,7 +14,7 @@ use setar_engine::backend::cuda::CudaBackend;
 use setar_engine::backend::Backend;
 use setar_engine::data::LabelSet;
 use setar_engine::loss::{Averaging, LocoopConfig, LocoopPreset};
-use setar_engine::lowrank::{rank_for, PruneType, Target, WeightType};
+use setar_engine::lowrank::{rank_for, PruneType, Target, Tower, WeightType};
 use setar_engine::model::prompts::PromptBuckets;
 use setar_engine::model::Clip;
 use setar_engine::progress::Progress;
@@ -277,4 +277,72 @@ pub fn time_scoring(
         total as f64 / s
     );
     Ok(json!({"images": total, "chunk": chunk, "seconds": s, "img_per_s": total as f64 / s}))
+}
+
+/// Where one search step's time goes, op by op (each op synchronised: the totals are slower
+/// than the search's own steps): a vision step (`mlp.fc1` of layer 10: one block and the head
+/// per candidate) and a text step (layer 0: the whole text tower per candidate), each over the
+/// 8 non-zero ratios, on a backend built with `profile` (the model of `model`'s weights).
+pub fn profile_steps(
+    model: &Clip<CudaBackend>,
+    weights: &WeightsFile,
+    data: &SearchData,
+    cfg: &SearchConfig,
+) -> Result<Value> {
+    let b = &model.backend;
+    let c = &model.config;
+    let bar = indicatif::ProgressBar::hidden();
+    let mut engine = Engine::new(model, weights, data, cfg);
+    let mut out = serde_json::Map::new();
+    let targets = [
+        (
+            "vision_layer_10",
+            Tower::Visual,
+            c.vision.tower.layers.saturating_sub(2),
+        ),
+        ("text_layer_0", Tower::Text, 0),
+    ];
+    for (name, tower, layer) in targets {
+        let target = Target {
+            tower,
+            weight: cfg.weight,
+            layer: Some(layer),
+        };
+        let k = engine.prepare(target)?.k();
+        let ranks = cfg.ratios[1..]
+            .iter()
+            .map(|&r| rank_for(k, r, &target))
+            .collect::<Result<Vec<_>>>()?;
+        // Warm-up: the features the step reuses (text features, or the image features of a
+        // text step) and the cuBLASLt plans.
+        engine.evaluate(target, &ranks[..1], &bar)?;
+        b.synchronize()?;
+        b.reset_profile();
+        let t = Instant::now();
+        engine.evaluate(target, &ranks, &bar)?;
+        b.synchronize()?;
+        let seconds = t.elapsed().as_secs_f64();
+        let ops: Vec<Value> = b
+            .profile()
+            .into_iter()
+            .map(|(op, s, calls)| json!({"op": op, "ms": s * 1e3, "calls": calls}))
+            .collect();
+        eprintln!(
+            "  {name}: {} candidates in {seconds:.3} s (profiled): {}",
+            ranks.len(),
+            ops.iter()
+                .map(|o| format!(
+                    "{} {:.1} ms",
+                    o["op"].as_str().unwrap_or("?"),
+                    o["ms"].as_f64().unwrap_or(0.0)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        out.insert(
+            name.into(),
+            json!({"candidates": ranks.len(), "seconds_profiled": seconds, "ops": ops}),
+        );
+    }
+    Ok(Value::Object(out))
 }
