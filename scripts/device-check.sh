@@ -6,6 +6,7 @@
 # (built here with `--features cuda`). Writes under $OUT (default target/device-check):
 #   device-check.md   the table (also printed last)       setar.json  device_check's numbers
 #   hf.json           the PyTorch peer's numbers           tests.log   the GPU tests' output
+#   peer_search.json, peer_search_f32.json   the PyTorch search peer in bf16 and in f32
 #   run.log           everything else
 # Budget: about 3-4 minutes on an H200 (8 at most); each step has its own timeout.
 #
@@ -38,6 +39,7 @@ DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
 SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+unfused}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
+PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}
 mkdir -p "$OUT"
 
 main() {
@@ -114,6 +116,12 @@ if [ -f "$PEER_DIR/search.json" ]; then
   PYTHONUNBUFFERED=1 timeout $((PEER_SECONDS + 120)) $PYTHON scripts/torch_search_peer.py \
     --model "$MODEL" --data "$PEER_DIR" --dtype bf16 --max-seconds "$PEER_SECONDS" \
     > "$OUT/peer_search.json" || { echo "search peer FAILED"; status=1; }
+  # The reference's own precision (HF CLIPModel loads in f32): capped, so usually estimated
+  # from the candidates done.
+  echo "== PyTorch peer of the search in f32, the reference's dtype (capped at ${PEER_F32_SECONDS}s)"
+  PYTHONUNBUFFERED=1 timeout $((PEER_F32_SECONDS + 120)) $PYTHON scripts/torch_search_peer.py \
+    --model "$MODEL" --data "$PEER_DIR" --dtype f32 --max-seconds "$PEER_F32_SECONDS" \
+    > "$OUT/peer_search_f32.json" || { echo "search peer (f32) FAILED"; status=1; }
 else
   echo "no search data at $PEER_DIR (device_check's search section failed?)"; status=1
 fi
@@ -127,6 +135,7 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 ours, hf, speer = load("setar.json"), load("hf.json"), load("peer_search.json")
+speer32 = load("peer_search_f32.json")
 VARIANTS = []
 for r in ours.get("parity", {}).values():
     VARIANTS += [k for k, v in r.items() if isinstance(v, dict) and k not in VARIANTS]
@@ -188,6 +197,10 @@ for d, r in search.items():
         how = "measured" if speer["complete"] else f"estimated from {speer['candidates_done']} of {speer['candidates_total']} candidates ({speer['seconds_per_candidate']:.3f} s each)"
         L.append(f"- PyTorch peer ({speer['dtype']}): {speer['seconds_full_search']:.1f} s {how}; SVDs {speer['svd_seconds']:.2f} s; "
                  f"speed-up {speer['seconds_full_search'] / s['seconds']:.1f}x")
+        if "seconds_full_search" in speer32:
+            how32 = "measured" if speer32["complete"] else f"estimated from {speer32['candidates_done']} of {speer32['candidates_total']} candidates ({speer32['seconds_per_candidate']:.3f} s each)"
+            L.append(f"- PyTorch peer (f32, the reference's dtype): {speer32['seconds_full_search']:.1f} s {how32}; "
+                     f"speed-up {speer32['seconds_full_search'] / s['seconds']:.1f}x")
         n = len(speer.get("chosen_ratios", []))
         same = sum(a == b for a, b in zip(speer.get("chosen_ratios", []), s["chosen_ratios"]))
         L.append(f"- decisions: {same} of the peer's {n} completed steps chose the same ratio as ours")

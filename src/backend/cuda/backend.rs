@@ -195,6 +195,13 @@ impl CudaBackend {
                     Ok(()) => backend.fused_attention = true,
                     Err(e) if opts.attention == AttentionPath::Fused => return Err(e),
                     Err(e) => {
+                        // A faulting kernel leaves the context unusable: say how to avoid it.
+                        backend.dev.synchronize().map_err(|fault| {
+                            Error::invalid(format!(
+                                "{fault} (after the fused attention's self-check failed: {e}; \
+                                 SETAR_CUDA_ATTENTION=unfused avoids the kernel)"
+                            ))
+                        })?;
                         let note = format!("fused attention off: {e}");
                         eprintln!("warning: cuda:{ordinal}: {note}");
                         backend.attention_note = Some(note);

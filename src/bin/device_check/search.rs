@@ -279,10 +279,10 @@ pub fn time_scoring(
     Ok(json!({"images": total, "chunk": chunk, "seconds": s, "img_per_s": total as f64 / s}))
 }
 
-/// Where one search step's time goes, op by op (each op synchronised: the totals are slower
-/// than the search's own steps): a vision step (`mlp.fc1` of layer 10: one block and the head
-/// per candidate) and a text step (layer 0: the whole text tower per candidate), each over the
-/// 8 non-zero ratios, on a backend built with `profile` (the model of `model`'s weights).
+/// Where the time goes, op by op, on a backend built with `profile` (each op synchronised:
+/// the totals are slower than the search's own): the SVDs of the plan, phase by phase; a
+/// vision step (`mlp.fc1` of layer 10: one block and the head per candidate); and a text step
+/// (layer 0: the whole text tower per candidate); each step over the 8 non-zero ratios.
 pub fn profile_steps(
     model: &Clip<CudaBackend>,
     weights: &WeightsFile,
