@@ -839,6 +839,28 @@ fn text_tokens_and_gather_rows_match_cpu() {
     }
 }
 
+/// Index arrays are cached on the device by content (`CudaBackend::indices`): more distinct
+/// row sets than the cache holds, then the same sets again in reverse, must all gather right.
+#[test]
+fn gathers_with_recurring_row_sets_stay_correct() {
+    let Some(b) = backend(DType::F32, GemmPath::Auto) else {
+        return;
+    };
+    let mut rng = Rng::new("gather cache");
+    let (n, dim) = (50, 7);
+    let x = rng.vec(n * dim, -1.0, 1.0);
+    let cpu = CpuBackend::new();
+    let t = up(b, &x);
+    let sets: Vec<Vec<usize>> = (0..40)
+        .map(|i| (0..5 + i % 3).map(|j| (i * 7 + j * 3) % n).collect())
+        .collect();
+    for rows in sets.iter().chain(sets.iter().rev()) {
+        let want = cpu.gather_rows(&x, dim, rows).unwrap();
+        let got = b.to_vec(&b.gather_rows(&t, dim, rows).unwrap()).unwrap();
+        assert_eq!(got, want, "rows {rows:?}");
+    }
+}
+
 #[test]
 fn l2_normalize_matches_cpu() {
     let mut rng = Rng::new("l2 normalise");

@@ -14,7 +14,7 @@ use crate::lowrank::Svd;
 use crate::weights::F32Data;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[cfg(target_endian = "big")]
@@ -134,6 +134,10 @@ const LOGIT_CHUNK: usize = 64 << 20;
 /// Elements per launch of the flat in-place kernels (keeps `int` column counts in range).
 const CHUNK: usize = 1 << 30;
 
+/// The index cache's size: arrays and bytes per array (larger ones are uploaded each time).
+const INDEX_CACHE: usize = 32;
+const INDEX_CACHE_BYTES: usize = 4 << 20;
+
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::invalid(format!(
@@ -156,6 +160,10 @@ pub struct CudaBackend {
     // Drop order: library handles and modules before the device's stream and context.
     gemm: Gemm,
     kernels: Kernels,
+    /// Index arrays (labels, lengths, token ids, row numbers) uploaded lately, by content,
+    /// most recent last: the same arrays recur at every layer and candidate, and a copy from
+    /// pageable host memory waits for the stream, draining the queue of launched work.
+    indices: Mutex<Vec<(Vec<u8>, Arc<IndexBuffer>)>>,
     dev: Device,
     opts: CudaOptions,
     /// Per op: seconds and calls, when profiling.
@@ -183,6 +191,7 @@ impl CudaBackend {
             let mut backend = CudaBackend {
                 gemm,
                 kernels,
+                indices: Mutex::new(Vec::new()),
                 dev,
                 opts,
                 profile: opts.profile.then(Default::default),
@@ -301,7 +310,7 @@ impl CudaBackend {
         let chunk_rows = groups_per_chunk * rows_per_label;
         let logits = self.dev.alloc(chunk_rows.min(rows) * classes, DType::F32)?;
         let label_ids: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        let dev_labels = self.dev.upload_indices(&label_ids)?;
+        let dev_labels = self.indices(&label_ids)?;
         let d = self.opts.dtype;
         for start in (0..rows).step_by(chunk_rows) {
             let n = chunk_rows.min(rows - start);
@@ -349,6 +358,28 @@ impl CudaBackend {
             self.after("row_stats_f32")?;
         }
         Ok((out, rows))
+    }
+
+    /// `data` on the device, from the index cache when the same array was uploaded lately
+    /// (arrays up to `INDEX_CACHE_BYTES`, the last `INDEX_CACHE` of them).
+    fn indices<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Arc<IndexBuffer>> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.len() > INDEX_CACHE_BYTES {
+            return Ok(Arc::new(self.dev.upload_indices(data)?));
+        }
+        let mut cache = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = cache.iter().position(|(k, _)| k.as_slice() == bytes) {
+            let hit = cache.remove(i);
+            let buf = hit.1.clone();
+            cache.push(hit);
+            return Ok(buf);
+        }
+        let buf = Arc::new(self.dev.upload_indices(data)?);
+        if cache.len() >= INDEX_CACHE {
+            cache.remove(0);
+        }
+        cache.push((bytes.to_vec(), buf.clone()));
+        Ok(buf)
     }
 
     /// Peak bytes held by our buffers since the last [`CudaBackend::reset_peak_memory`].
@@ -654,11 +685,11 @@ impl CudaBackend {
         shape: AttentionShape,
         mask: &AttentionMask,
     ) -> Result<()> {
-        let lengths: Option<IndexBuffer> = match &mask.lengths {
+        let lengths: Option<Arc<IndexBuffer>> = match &mask.lengths {
             Some(l) => {
                 check_len("attention lengths", l.len(), shape.batch)?;
                 let l32: Vec<i32> = l.iter().map(|&x| x.min(i32::MAX as usize) as i32).collect();
-                Some(self.dev.upload_indices(&l32)?)
+                Some(self.indices(&l32)?)
             }
             None => None,
         };
@@ -712,11 +743,11 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let lengths: Option<IndexBuffer> = match &mask.lengths {
+        let lengths: Option<Arc<IndexBuffer>> = match &mask.lengths {
             Some(l) => {
                 check_len("attention lengths", l.len(), batch)?;
                 let l32: Vec<i32> = l.iter().map(|&x| x.min(i32::MAX as usize) as i32).collect();
-                Some(self.dev.upload_indices(&l32)?)
+                Some(self.indices(&l32)?)
             }
             None => None,
         };
@@ -1448,7 +1479,7 @@ impl Backend for CudaBackend {
             if seq == 0 {
                 return Err(Error::invalid("text tokens: sequence length 0"));
             }
-            let dev_ids = self.dev.upload_indices(ids)?;
+            let dev_ids = self.indices(ids)?;
             self.launch(
                 &self.to_stream("text_tokens"),
                 Launch::elementwise(out.len() as u64),
@@ -1539,7 +1570,7 @@ impl Backend for CudaBackend {
                 return Ok(out);
             }
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let dev_rows = self.dev.upload_indices(&idx)?;
+            let dev_rows = self.indices(&idx)?;
             let name = format!("gather_rows_{}", x.dtype().name());
             self.kernels.launch(
                 &self.dev,
