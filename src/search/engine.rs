@@ -4,10 +4,10 @@
 //! materialised once; while the vision tower is searched the text features are fixed (and the
 //! image features while the text tower is); the hidden states entering the target's layer are
 //! computed once per chunk of images (from the nearest kept checkpoint below, see
-//! `vision_states`) and shared by every candidate, which re-runs only the
-//! layers from the target upward (from the target's MLP when the target is `mlp.fc1` or
-//! `mlp.fc2`: the block's attention half is shared too); within the target's Linear, x·Wᵀ and x·V are shared by all
-//! candidate ratios, each of which subtracts a prefix of the removed components.
+//! `vision_states`) and shared by every candidate, which re-runs only the layers from the
+//! target upward (from the target's MLP when the target is `mlp.fc1` or `mlp.fc2`: the
+//! block's attention half is shared too); within the target's Linear, x·Wᵀ and x·V are shared
+//! by all candidate ratios, each of which subtracts a prefix of the removed components.
 //!
 //! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
 //! re-runs both towers on everything.
