@@ -42,6 +42,21 @@ pub struct AttentionMask {
     pub lengths: Option<Vec<usize>>,
 }
 
+/// ‖got − want‖ / ‖want‖ in f64: how the CUDA self-checks and the device check compare a
+/// backend with the CPU (NaN when the lengths differ; an all-zero reference counts as 1e-30).
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::NAN;
+    }
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
 /// Checks token ids `[batch, seq]` against an embedding table of `table` values and
 /// `positions` position-embedding values, rows of `dim`: shared by every backend's
 /// `text_tokens`, so a bad id or an over-long sequence is an error, never an out-of-bounds read.

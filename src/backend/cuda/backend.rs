@@ -7,7 +7,7 @@ use super::kernels::{Arg, Kernels, Launch};
 use super::DType;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::row_stats::{self, OodSums, RowStats};
-use crate::backend::{AttentionMask, AttentionShape, Backend};
+use crate::backend::{relative_error, AttentionMask, AttentionShape, Backend};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::lowrank::Svd;
@@ -947,20 +947,6 @@ impl CudaBackend {
             1e-2,
         )
     }
-}
-
-/// ‖got − want‖ / ‖want‖ (NaN when they differ in length).
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::NAN;
-    }
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn close(what: &str, path: GemmPath, got: &[f32], want: &[f32], tol: f64) -> Result<()> {

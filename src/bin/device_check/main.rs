@@ -48,7 +48,7 @@ mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
     use setar_engine::backend::cuda::{self, AttentionPath, CudaBackend, CudaOptions, DType};
-    use setar_engine::backend::Backend;
+    use setar_engine::backend::{relative_error, Backend};
     use setar_engine::config::ClipConfig;
     use setar_engine::model::clip::logits;
     use setar_engine::model::random::{preset, write_random_model};
@@ -161,19 +161,6 @@ mod check {
             .map_err(|_| Error::invalid(format!("not a number: {s}")))
     }
 
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        if a.len() != b.len() {
-            return f64::NAN;
-        }
-        let num: f64 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-            .sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
-
     /// Deterministic values in [lo, hi).
     fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -242,10 +229,10 @@ mod check {
             let gt = gpu.encode_text(&ids, &lengths, seq)?;
             let gl = logits(&gi.embeds, &gt, p, gpu.logit_scale);
             let errs = json!({
-                "image_embeds": rel_err(&gi.embeds, &ci.embeds),
-                "image_local_embeds": rel_err(gi.local.as_deref().unwrap_or(&[]), ci.local.as_deref().unwrap_or(&[])),
-                "text_embeds": rel_err(&gt, &ct),
-                "logits": rel_err(&gl, &cl),
+                "image_embeds": relative_error(&gi.embeds, &ci.embeds),
+                "image_local_embeds": relative_error(gi.local.as_deref().unwrap_or(&[]), ci.local.as_deref().unwrap_or(&[])),
+                "text_embeds": relative_error(&gt, &ct),
+                "logits": relative_error(&gl, &cl),
             });
             eprintln!("  {:<24} {spec:>10}: {errs}", dir.display());
             out.insert(spec.clone(), errs);
