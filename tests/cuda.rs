@@ -490,33 +490,37 @@ fn linear_add_matches_cpu() {
                             .unwrap();
                         let mut want = hs.clone();
                         cpu.add_assign(&mut want, &y).unwrap();
-                        let mut h = if wide {
-                            b.tensor_f32(&hs).unwrap()
-                        } else {
-                            up(&b, &hs)
-                        };
                         let db = up(&b, &bs);
-                        b.reset_profile();
-                        b.linear_add(
-                            &mut h,
-                            &up(&b, &xs),
-                            rows,
-                            &up(&b, &ws),
-                            with_bias.then_some(&db),
-                            out_dim,
-                            in_dim,
-                        )
-                        .unwrap();
-                        let what = format!(
-                            "linear_add {rows}x{in_dim}→{out_dim} bias {with_bias} wide {wide} {path:?} fused {fused}"
-                        );
-                        check(&what, dtype, &b.to_vec(&h).unwrap(), &want, tol(dtype));
-                        let ran: Vec<_> = b.profile().iter().map(|p| p.0).collect();
-                        if fused && path == GemmPath::Lt {
-                            assert!(
-                                ran.contains(&"linear+residual") && !ran.contains(&"residual add"),
-                                "{what} ({dtype}): cuBLASLt did not fuse the add (ops {ran:?})"
+                        // Twice with the same bias: the first use widens it, the second reuses.
+                        for call in 0..2 {
+                            let mut h = if wide {
+                                b.tensor_f32(&hs).unwrap()
+                            } else {
+                                up(&b, &hs)
+                            };
+                            b.reset_profile();
+                            b.linear_add(
+                                &mut h,
+                                &up(&b, &xs),
+                                rows,
+                                &up(&b, &ws),
+                                with_bias.then_some(&db),
+                                out_dim,
+                                in_dim,
+                            )
+                            .unwrap();
+                            let what = format!(
+                                "linear_add {rows}x{in_dim}→{out_dim} bias {with_bias} wide {wide} {path:?} fused {fused} call {call}"
                             );
+                            check(&what, dtype, &b.to_vec(&h).unwrap(), &want, tol(dtype));
+                            let ran: Vec<_> = b.profile().iter().map(|p| p.0).collect();
+                            if fused && path == GemmPath::Lt {
+                                assert!(
+                                    ran.contains(&"linear+residual")
+                                        && !ran.contains(&"residual add"),
+                                    "{what} ({dtype}): cuBLASLt did not fuse the add (ops {ran:?})"
+                                );
+                            }
                         }
                     }
                 }

@@ -14,7 +14,7 @@ use crate::lowrank::Svd;
 use crate::weights::F32Data;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 #[cfg(target_endian = "big")]
@@ -90,6 +90,19 @@ pub enum AttentionPath {
 #[derive(Debug)]
 pub struct CudaTensor {
     buf: DeviceBuffer,
+    /// An f32 copy made on first use when the tensor is a bias a GEMM adds into the f32
+    /// residual stream (cuBLASLt takes the bias in the output's type); only read-only weights
+    /// are used as biases, so the copy never goes stale.
+    wide: OnceLock<DeviceBuffer>,
+}
+
+impl From<DeviceBuffer> for CudaTensor {
+    fn from(buf: DeviceBuffer) -> CudaTensor {
+        CudaTensor {
+            buf,
+            wide: OnceLock::new(),
+        }
+    }
 }
 
 impl CudaTensor {
@@ -453,9 +466,7 @@ impl CudaBackend {
     }
 
     fn empty_of(&self, len: usize, dtype: DType) -> Result<CudaTensor> {
-        Ok(CudaTensor {
-            buf: self.dev.alloc(len, dtype)?,
-        })
+        Ok(self.dev.alloc(len, dtype)?.into())
     }
 
     /// The dtype of the residual stream: f32 when widened, else the storage dtype.
@@ -511,14 +522,12 @@ impl CudaBackend {
                 self.dev.upload(&bits, d)?
             }
         };
-        Ok(CudaTensor { buf })
+        Ok(buf.into())
     }
 
     /// Host f32 → an f32 tensor whatever the storage dtype (a widened residual stream).
     pub fn tensor_f32(&self, data: &[f32]) -> Result<CudaTensor> {
-        Ok(CudaTensor {
-            buf: self.dev.upload(data, DType::F32)?,
-        })
+        Ok(self.dev.upload(data, DType::F32)?.into())
     }
 
     /// The same as the upload of [`Backend::tensor`], but rounding on the device: f32 across
@@ -579,6 +588,28 @@ impl CudaBackend {
                 Arg::I32(act),
             ],
         )
+    }
+
+    /// The address of `b`'s f32 copy (see [`CudaTensor`]'s `wide`), made on first use.
+    fn widened(&self, b: &CudaTensor) -> Result<u64> {
+        if let Some(w) = b.wide.get() {
+            return Ok(w.ptr());
+        }
+        let w = self.dev.alloc(b.len(), DType::F32)?;
+        if !b.is_empty() {
+            self.launch(
+                "cast_to_f32",
+                Launch::elementwise(b.len() as u64),
+                &[
+                    Arg::Ptr(b.ptr()),
+                    Arg::Ptr(w.ptr()),
+                    Arg::I64(i64_of(b.len())),
+                ],
+            )?;
+        }
+        // A concurrent first use may have won: its copy is as good (ours is freed in order).
+        let _ = b.wide.set(w);
+        Ok(b.wide.get().map_or(0, |w| w.ptr()))
     }
 
     /// L2-normalises each row of `x[_, dim]` in place (CPU twin:
@@ -1101,27 +1132,16 @@ impl Backend for CudaBackend {
             check_len("linear input", x.len(), rows * in_dim)?;
             check_len("linear weight", w.len(), out_dim * in_dim)?;
             check_len("residual", h.len(), rows * out_dim)?;
-            // cuBLASLt takes the bias in the output's dtype: widen it for an f32 stream.
-            let wide;
+            // cuBLASLt takes the bias in the output's dtype: widened (once) for an f32 stream.
             let bias = match bias {
                 None => None,
                 Some(b) => {
                     check_len("linear bias", b.len(), out_dim)?;
-                    if b.dtype() == h_type {
-                        Some(b.ptr())
+                    Some(if b.dtype() == h_type {
+                        b.ptr()
                     } else {
-                        wide = self.empty_of(out_dim, DType::F32)?;
-                        self.launch(
-                            "cast_to_f32",
-                            Launch::elementwise(out_dim as u64),
-                            &[
-                                Arg::Ptr(b.ptr()),
-                                Arg::Ptr(wide.ptr()),
-                                Arg::I64(i64_of(out_dim)),
-                            ],
-                        )?;
-                        Some(wide.ptr())
-                    }
+                        self.widened(b)?
+                    })
                 }
             };
             let r = self.gemm.linear_accumulate(
