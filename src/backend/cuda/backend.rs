@@ -558,18 +558,24 @@ impl CudaBackend {
             return self.dev.download::<f32>(&t.buf);
         }
         let staging = self.dev.alloc(t.len(), DType::F32)?;
-        if !t.is_empty() {
-            self.launch(
-                "cast_to_f32",
-                Launch::elementwise(t.len() as u64),
-                &[
-                    Arg::Ptr(t.ptr()),
-                    Arg::Ptr(staging.ptr()),
-                    Arg::I64(i64_of(t.len())),
-                ],
-            )?;
-        }
+        self.cast_to_f32(t, &staging)?;
         self.dev.download::<f32>(&staging)
+    }
+
+    /// `dst` (f32, as long as `t`) = `t` (storage dtype), on the device.
+    fn cast_to_f32(&self, t: &CudaTensor, dst: &DeviceBuffer) -> Result<()> {
+        if t.is_empty() {
+            return Ok(());
+        }
+        self.launch(
+            "cast_to_f32",
+            Launch::elementwise(t.len() as u64),
+            &[
+                Arg::Ptr(t.ptr()),
+                Arg::Ptr(dst.ptr()),
+                Arg::I64(i64_of(t.len())),
+            ],
+        )
     }
 
     /// In place: `x[r, c] = act(x[r, c] + bias[c])` (`act` as in kernels/activation.cu).
@@ -596,17 +602,7 @@ impl CudaBackend {
             return Ok(w.ptr());
         }
         let w = self.dev.alloc(b.len(), DType::F32)?;
-        if !b.is_empty() {
-            self.launch(
-                "cast_to_f32",
-                Launch::elementwise(b.len() as u64),
-                &[
-                    Arg::Ptr(b.ptr()),
-                    Arg::Ptr(w.ptr()),
-                    Arg::I64(i64_of(b.len())),
-                ],
-            )?;
-        }
+        self.cast_to_f32(b, &w)?;
         // A concurrent first use may have won: its copy is as good (ours is freed in order).
         let _ = b.wide.set(w);
         Ok(b.wide.get().map_or(0, |w| w.ptr()))
