@@ -66,6 +66,12 @@ impl CudaOptions {
             attention: match std::env::var("SETAR_CUDA_ATTENTION").as_deref() {
                 Ok("fused") => AttentionPath::Fused,
                 Ok("unfused") => AttentionPath::Unfused,
+                Ok(other) if other != "auto" => {
+                    eprintln!(
+                        "warning: SETAR_CUDA_ATTENTION={other} is not auto, fused or unfused; using auto"
+                    );
+                    AttentionPath::Auto
+                }
                 _ => AttentionPath::Auto,
             },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
