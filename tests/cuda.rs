@@ -1318,15 +1318,20 @@ fn models_match_cpu_bf16_and_f16() {
 /// candidates within 1e-4 of the reference's objective (f32 GEMMs, other summation orders).
 #[test]
 fn search_fixtures_take_the_reference_decisions_f32() {
-    use common::search_fixture::{check_against_reference, load, run, NAMES};
+    use common::search_fixture::{check_against_reference, load, run_with_svds, NAMES};
     let Some(b) = backend(DType::F32, GemmPath::Auto) else {
         return;
     };
     for name in NAMES {
         let f = load(name, CudaBackend::with_options(0, b.options()).unwrap());
-        let ours = run(&f, false);
-        let worst = check_against_reference(name, &f.json, &ours, 1e-4);
-        println!("search {name:<26} f32 CUDA: same decisions, worst candidate error {worst:.2e}");
+        // The SVDs both ways: cuSOLVER up front, and faer on host threads beside the search.
+        for (background, how) in [(false, "cuSOLVER SVDs"), (true, "host SVDs")] {
+            let ours = run_with_svds(&f, false, Some(background));
+            let worst = check_against_reference(name, &f.json, &ours, 1e-4);
+            println!(
+                "search {name:<26} f32 CUDA, {how}: same decisions, worst candidate error {worst:.2e}"
+            );
+        }
     }
 }
 

@@ -280,6 +280,13 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the search should compute its SVDs on host threads while it runs, instead of
+    /// by [`Backend::thin_svds`] up front: true where the backend computes on a device (the
+    /// host is otherwise idle during the search); false on the CPU, whose cores the search uses.
+    fn background_svds(&self) -> bool {
+        false
+    }
+
     /// Thin SVDs of row-major `[out, in]` weights, as [`Svd::new`] computes them. Default: faer
     /// on the CPU, the matrices in parallel.
     fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {

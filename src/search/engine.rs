@@ -12,6 +12,7 @@
 //! *Naive* (the reference's way, for checking): every candidate re-applies all settings and
 //! re-runs both towers on everything.
 
+use super::background::{BackgroundSvds, TargetWeight};
 use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
 use super::{memory, SearchConfig};
 use crate::backend::{AttentionMask, Backend};
@@ -89,6 +90,12 @@ pub struct Engine<'a, B: Backend> {
     /// below them is decided: a top-down search computes the tower's lower layers once, not
     /// once per step. (A cell: filled while the decided settings' overrides borrow the engine.)
     vision_states: RefCell<Vec<BTreeMap<usize, B::Tensor>>>,
+    /// Whether `prepare_all` hands the SVDs to host threads and lets the search go on (see
+    /// `background.rs`; the default where the backend computes on a device) instead of
+    /// computing them all up front by the backend.
+    background_svds: bool,
+    /// The SVDs being computed in the background.
+    background: Option<BackgroundSvds>,
 }
 
 fn owned(v: Vec<f32>) -> F32Data {
@@ -115,7 +122,22 @@ impl<'a, B: Backend> Engine<'a, B> {
             text_version: 0,
             vision_version: 0,
             vision_states: RefCell::new(Vec::new()),
+            background_svds: model.backend.background_svds(),
+            background: None,
         }
+    }
+
+    /// Chooses where `prepare_all` computes the SVDs: on host threads while the search goes on
+    /// (`true`), or all up front by the backend (`false`). Either gives the same decisions.
+    pub fn set_background_svds(&mut self, on: bool) {
+        self.background_svds = on;
+    }
+
+    /// Seconds the search has waited for background SVDs (0 when they run up front).
+    pub fn svd_wait_seconds(&self) -> f64 {
+        self.background
+            .as_ref()
+            .map_or(0.0, |bg| bg.waited_seconds())
     }
 
     fn layers(&self, tower: Tower) -> usize {
@@ -130,12 +152,21 @@ impl<'a, B: Backend> Engine<'a, B> {
         if let Some(p) = self.prepared.get(&target) {
             return Ok(p.clone());
         }
-        let (weight, bias, out_dim, in_dim) = self.load_target(target)?;
-        let svd = self
-            .model
-            .backend
-            .thin_svds(&[(&weight, out_dim, in_dim)])?
-            .remove(0);
+        let (svd, weight, bias) = match &mut self.background {
+            Some(bg) if bg.has(target) => {
+                let (svd, w) = bg.wait(target)?;
+                (svd, w.weight, w.bias)
+            }
+            _ => {
+                let (weight, bias, out_dim, in_dim) = self.load_target(target)?;
+                let svd = self
+                    .model
+                    .backend
+                    .thin_svds(&[(&weight, out_dim, in_dim)])?
+                    .remove(0);
+                (svd, weight, bias)
+            }
+        };
         let order = svd.removal_order(self.cfg.prune, &target);
         let p = Arc::new(Prepared {
             svd,
@@ -147,9 +178,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok(p)
     }
 
-    /// The f32 weight (and bias) of a target from the weights file, with `[out, in]`.
-    #[allow(clippy::type_complexity)]
-    fn load_target(&self, target: Target) -> Result<(Vec<f32>, Option<Vec<f32>>, usize, usize)> {
+    /// k = min(out, in) of a target's weight: its number of singular values, known before
+    /// its SVD is.
+    pub fn rank_dim(&self, target: Target) -> Result<usize> {
+        if let Some(p) = self.prepared.get(&target) {
+            return Ok(p.k());
+        }
+        let (out_dim, in_dim) = self.target_shape(target)?;
+        Ok(out_dim.min(in_dim))
+    }
+
+    /// `[out, in]` of a target's weight in the weights file.
+    fn target_shape(&self, target: Target) -> Result<(usize, usize)> {
         if let Some(l) = target.layer {
             if l >= self.layers(target.tower) {
                 return Err(Error::invalid(format!(
@@ -159,12 +199,20 @@ impl<'a, B: Backend> Engine<'a, B> {
                 )));
             }
         }
+        let name = format!("{}.weight", target.module());
+        match *self.file.shape(&name)? {
+            [out_dim, in_dim] => Ok((out_dim, in_dim)),
+            _ => Err(Error::tensor(self.file.path(), &name, "is not a matrix")),
+        }
+    }
+
+    /// The f32 weight (and bias) of a target from the weights file, with `[out, in]`.
+    #[allow(clippy::type_complexity)]
+    fn load_target(&self, target: Target) -> Result<(Vec<f32>, Option<Vec<f32>>, usize, usize)> {
+        let (out_dim, in_dim) = self.target_shape(target)?;
         let module = target.module();
         let name = format!("{module}.weight");
-        let shape = self.file.shape(&name)?.to_vec();
-        if shape.len() != 2 {
-            return Err(Error::tensor(self.file.path(), &name, "is not a matrix"));
-        }
+        let shape = [out_dim, in_dim];
         let weight = self.file.f32(&name, &shape)?.to_vec();
         let bias_name = format!("{module}.bias");
         let bias = if target.weight == WeightType::P {
@@ -176,13 +224,39 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// Computes the SVDs of `targets` not prepared yet, in one batch (the backend groups
-    /// equal shapes; the CPU runs them in parallel).
+    /// equal shapes; the CPU runs them in parallel), or, with background SVDs, starts them on
+    /// host threads in this order and returns ([`Engine::prepare`] waits for each).
     pub fn prepare_all(&mut self, targets: &[Target]) -> Result<()> {
         let todo: Vec<Target> = targets
             .iter()
             .copied()
             .filter(|t| !self.prepared.contains_key(t))
+            .filter(|t| !self.background.as_ref().is_some_and(|bg| bg.has(*t)))
             .collect();
+        if self.background_svds && !todo.is_empty() {
+            // One pool at a time: first take in what an earlier call started.
+            let earlier = self
+                .background
+                .as_ref()
+                .map_or(Vec::new(), |bg| bg.pending());
+            for t in earlier {
+                self.prepare(t)?;
+            }
+            let mut mats = Vec::with_capacity(todo.len());
+            for &target in &todo {
+                let (weight, bias, out_dim, in_dim) = self.load_target(target)?;
+                mats.push(TargetWeight {
+                    target,
+                    weight,
+                    bias,
+                    out_dim,
+                    in_dim,
+                });
+            }
+            let bg = BackgroundSvds::start(mats, BackgroundSvds::default_threads())?;
+            self.background = Some(bg);
+            return Ok(());
+        }
         if todo.len() < 2 {
             for t in todo {
                 self.prepare(t)?;
@@ -459,6 +533,25 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok(evals)
     }
 
+    /// The first `kmax` removed components of `target` on the backend, as the Linear x ↦ x·V
+    /// and the rows σᵢuᵢ (waits for its SVD when that runs in the background).
+    fn removed_factors(
+        &mut self,
+        target: Target,
+        kmax: usize,
+    ) -> Result<(Linear<B::Weight>, B::Weight)> {
+        let p = self.prepare(target)?;
+        let b = &self.model.backend;
+        let (vt, su) = p.svd.removed_factors(&p.order, kmax);
+        let vt = Linear {
+            weight: b.weight(owned(vt))?,
+            bias: None,
+            out_dim: kmax,
+            in_dim: p.svd.in_dim,
+        };
+        Ok((vt, b.weight(owned(su))?))
+    }
+
     /// The objective for decided settings + `target` at each rank in `ranks` (cached way).
     pub fn evaluate(
         &mut self,
@@ -469,23 +562,17 @@ impl<'a, B: Backend> Engine<'a, B> {
         if self.decided.contains_key(&target) {
             return Err(Error::invalid(format!("{target} is already decided")));
         }
-        let p = self.prepare(target)?;
         let kmax = ranks.iter().copied().max().unwrap_or(0);
         let b = &self.model.backend;
-        let (vt, su) = p.svd.removed_factors(&p.order, kmax);
-        let vt = Linear {
-            weight: b.weight(owned(vt))?,
-            bias: None,
-            out_dim: kmax,
-            in_dim: p.svd.in_dim,
-        };
-        let su = b.weight(owned(su))?;
         let mut evals: Vec<Vec<ImageEval>> = vec![Vec::with_capacity(self.data.len()); ranks.len()];
         let dim = self.model.config.projection_dim;
+        // In each branch the target's factors are asked for only after the work that does not
+        // need them is queued, so a background SVD overlaps it.
         match target.tower {
             Tower::Visual => {
                 let text = self.text_features()?;
                 self.embed_chunks()?;
+                let (vt, su) = self.removed_factors(target, kmax)?;
                 let layers = self.layers(Tower::Visual);
                 let start = target.layer.unwrap_or(layers - 1);
                 // The last block is run by the head, which handles its own attention.
@@ -560,6 +647,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                     }
                     states.push(h);
                 }
+                drop(base);
+                let (vt, su) = self.removed_factors(target, kmax)?;
                 let memo = DeltaMemo::default();
                 for (ri, &rank) in ranks.iter().enumerate() {
                     memo.rewind();

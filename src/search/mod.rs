@@ -2,6 +2,7 @@
 //! value carried between steps, per-step records in the reference's shapes, and a state file
 //! written atomically after every step so an interrupted search resumes.
 
+pub mod background;
 pub mod engine;
 pub mod evaluate;
 pub mod memory;
@@ -252,7 +253,8 @@ pub fn run<B: Backend>(
         config: cfg.clone(),
         steps: vec![],
     });
-    // Every target's SVD up front, in one batch (the backend groups equal shapes).
+    // Every target's SVD up front, in one batch (the backend groups equal shapes), or started
+    // on host threads to run beside the search (a device backend).
     engine.prepare_all(&plan)?;
     // Replay the decisions of a resumed search.
     for s in &state.steps {
@@ -291,7 +293,7 @@ pub fn run<B: Backend>(
         let mut records = Vec::new();
         for target in &targets {
             bar.set_message(format!("step {}/{total_steps}: {target}", step + 1));
-            let k = engine.prepare(*target)?.k();
+            let k = engine.rank_dim(*target)?;
             let ranks: Vec<usize> = cfg
                 .ratios
                 .iter()

@@ -107,11 +107,23 @@ pub fn load<B: Backend>(name: &str, backend: B) -> Fixture<B> {
 }
 
 pub fn run<B: Backend>(f: &Fixture<B>, naive: bool) -> SearchState {
+    run_with_svds(f, naive, None)
+}
+
+/// As [`run`]; `background`: force where the SVDs run (`None`: the backend's default).
+pub fn run_with_svds<B: Backend>(
+    f: &Fixture<B>,
+    naive: bool,
+    background: Option<bool>,
+) -> SearchState {
     let cfg = SearchConfig {
         naive,
         ..f.cfg.clone()
     };
     let mut engine = Engine::new(&f.model, &f.weights, &f.data, &cfg);
+    if let Some(on) = background {
+        engine.set_background_svds(on);
+    }
     search::run(&mut engine, &cfg, "test", None, Progress { quiet: true }).unwrap()
 }
 

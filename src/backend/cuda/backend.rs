@@ -51,6 +51,10 @@ pub struct CudaOptions {
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
     pub fused_residual: bool,
+    /// Where the search's SVDs run: on host threads while the search evaluates on the device
+    /// (`true`, faer in f64 as on the CPU; `search/background.rs`), or all up front by
+    /// cuSOLVER ([`Backend::thin_svds`]; `SETAR_CUDA_SVD=device`).
+    pub host_svds: bool,
 }
 
 impl CudaOptions {
@@ -75,6 +79,14 @@ impl CudaOptions {
                 _ => AttentionPath::Auto,
             },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
+            host_svds: match std::env::var("SETAR_CUDA_SVD").as_deref() {
+                Ok("device") => false,
+                Ok(other) if other != "host" => {
+                    eprintln!("warning: SETAR_CUDA_SVD={other} is not host or device; using host");
+                    true
+                }
+                _ => true,
+            },
         }
     }
 }
@@ -1727,6 +1739,10 @@ impl Backend for CudaBackend {
         )?;
         self.after("low-rank weight")?;
         Ok(Some(out))
+    }
+
+    fn background_svds(&self) -> bool {
+        self.opts.host_svds
     }
 
     /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].
