@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::search_fixture::{load, rel, run, run_with_svds, TOLERANCE};
+use common::search_fixture::{load, rel, run, run_with, run_with_svds, TOLERANCE};
 use setar_engine::backend::cpu::CpuBackend;
 
 fn check_against_reference(name: &str) {
@@ -89,5 +89,21 @@ fn background_svds_change_nothing() {
             };
             assert_eq!(values(a), values(b), "{name}: step {}", a.step);
         }
+    }
+}
+
+/// Without the vision checkpoints (what a tight `--max-memory` gives) every value is the same:
+/// the checkpoints only keep states the search would compute again the same way.
+#[test]
+fn searches_without_checkpoints_give_the_same_values() {
+    let f = load("vt_locoop_minor", CpuBackend::new());
+    let with = run(&f, false);
+    let without = run_with(&f, &f.cfg, |e| e.set_vision_checkpoints(false));
+    for (a, b) in with.steps.iter().zip(&without.steps) {
+        assert_eq!(a.chosen, b.chosen, "step {}", a.step);
+        let values = |s: &setar_engine::search::StepRecord| {
+            s.candidates.iter().map(|c| c.value).collect::<Vec<_>>()
+        };
+        assert_eq!(values(a), values(b), "step {}", a.step);
     }
 }

@@ -86,7 +86,7 @@ pub struct Engine<'a, B: Backend> {
     vision_version: u64,
     /// Per chunk, the hidden states entering vision layers, by layer: layer 0 (the embedded
     /// tokens, which no setting touches, so the pixels go to the backend once per search),
-    /// and the checkpoint layers of `memory::checkpoint_layers`, kept while no vision setting
+    /// and the layers of `checkpoints` (`memory::checkpoint_layers`), kept while no vision setting
     /// below them is decided: a top-down search computes the tower's lower layers once, not
     /// once per step. (A cell: filled while the decided settings' overrides borrow the engine.)
     vision_states: RefCell<Vec<BTreeMap<usize, B::Tensor>>>,
@@ -96,6 +96,9 @@ pub struct Engine<'a, B: Backend> {
     background_svds: bool,
     /// The SVDs being computed in the background.
     background: Option<BackgroundSvds>,
+    /// The vision layers whose entering states `vision_states` keeps besides layer 0: the
+    /// checkpoints, unless they do not fit the backend's memory budget beside a chunk.
+    checkpoints: Vec<usize>,
 }
 
 fn owned(v: Vec<f32>) -> F32Data {
@@ -124,7 +127,35 @@ impl<'a, B: Backend> Engine<'a, B> {
             vision_states: RefCell::new(Vec::new()),
             background_svds: model.backend.background_svds(),
             background: None,
+            checkpoints: {
+                let b = &model.backend;
+                let fits = b.memory_budget().is_none_or(|budget| {
+                    memory::keep_checkpoints(
+                        &model.config,
+                        file.parameter_count(),
+                        b.value_bytes(),
+                        data.len(),
+                        cfg.batch,
+                        budget,
+                    )
+                });
+                if fits {
+                    memory::checkpoint_layers(model.config.vision.tower.layers)
+                } else {
+                    Vec::new()
+                }
+            },
         }
+    }
+
+    /// Keeps the vision checkpoints (the default, unless they do not fit the memory budget)
+    /// or only the embedded tokens. Either gives the same values; the checkpoints save work.
+    pub fn set_vision_checkpoints(&mut self, on: bool) {
+        self.checkpoints = if on {
+            memory::checkpoint_layers(self.layers(Tower::Visual))
+        } else {
+            Vec::new()
+        };
     }
 
     /// Chooses where `prepare_all` computes the SVDs: on host threads while the search goes on
@@ -394,8 +425,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             (at, b.duplicate(t)?)
         };
         let from = at;
-        let keep = memory::checkpoint_layers(self.layers(Tower::Visual));
-        for &next in keep.iter().filter(|&&c| c > from && c <= layer) {
+        for &next in self.checkpoints.iter().filter(|&&c| c > from && c <= layer) {
             self.model.vision_layers(&mut h, n, at..next, ov)?;
             self.vision_states.borrow_mut()[ci].insert(next, b.duplicate(&h)?);
             at = next;

@@ -59,17 +59,49 @@ pub fn checkpoint_layers(layers: usize) -> Vec<usize> {
 
 /// Bytes held for the whole search: the weights; the normalised global and local image
 /// features of `images` images (cached while the text tower is searched); and the vision
-/// hidden states of every image entering layer 0 and each checkpoint layer (the residual
-/// stream, f32 on every backend).
-pub fn resident_bytes(c: &ClipConfig, params: usize, value_bytes: usize, images: usize) -> usize {
+/// hidden states of every image entering layer 0 and, with `checkpoints`, each checkpoint
+/// layer (the residual stream, f32 on every backend).
+pub fn resident_bytes(
+    c: &ClipConfig,
+    params: usize,
+    value_bytes: usize,
+    images: usize,
+    checkpoints: bool,
+) -> usize {
     let patches = c.vision.grid() * c.vision.grid();
-    let states = 1 + checkpoint_layers(c.vision.tower.layers).len();
+    let kept = if checkpoints {
+        checkpoint_layers(c.vision.tower.layers).len()
+    } else {
+        0
+    };
     let state_bytes = 4 * images * c.vision.tokens() * c.vision.tower.hidden;
-    value_bytes * (params + images * (patches + 1) * c.projection_dim) + states * state_bytes
+    value_bytes * (params + images * (patches + 1) * c.projection_dim) + (1 + kept) * state_bytes
 }
 
-/// The chunk size under `budget` bytes: `requested`, lowered to what fits (with a 10% margin
-/// for the libraries' workspaces); an error when not even one image fits.
+/// What fits under `budget` bytes, with a 10% margin for the libraries' workspaces.
+fn usable(budget: usize) -> usize {
+    budget - budget / 10
+}
+
+/// Whether the vision checkpoints fit under `budget` beside chunks of `batch` images. They
+/// only save work, so they give way to the chunk size: a search keeps them when they fit.
+pub fn keep_checkpoints(
+    c: &ClipConfig,
+    params: usize,
+    value_bytes: usize,
+    images: usize,
+    batch: usize,
+    budget: usize,
+) -> bool {
+    let chunk = batch.clamp(1, images.max(1));
+    resident_bytes(c, params, value_bytes, images, true)
+        + chunk * vision_bytes_per_image(c, value_bytes)
+        <= usable(budget)
+}
+
+/// The chunk size under `budget` bytes: `requested` when it fits (with the vision
+/// checkpoints if they fit beside it, see [`keep_checkpoints`]), else lowered to what fits
+/// without them; an error when not even one image fits.
 pub fn fit_batch(
     c: &ClipConfig,
     params: usize,
@@ -78,8 +110,11 @@ pub fn fit_batch(
     requested: usize,
     budget: usize,
 ) -> Result<usize> {
-    let resident = resident_bytes(c, params, value_bytes, images);
-    let usable = budget - budget / 10;
+    if keep_checkpoints(c, params, value_bytes, images, requested, budget) {
+        return Ok(requested.max(1));
+    }
+    let resident = resident_bytes(c, params, value_bytes, images, false);
+    let usable = usable(budget);
     let per = vision_bytes_per_image(c, value_bytes);
     if resident + per > usable {
         return Err(Error::invalid(format!(
@@ -122,12 +157,37 @@ mod tests {
         let c = crate::model::random::preset("vit-l-14").unwrap();
         let params = 428_000_000;
         let per = vision_bytes_per_image(&c, 2);
-        let resident = resident_bytes(&c, params, 2, 1000);
         let budget = 24usize << 30;
-        let b = fit_batch(&c, params, 2, 1000, 100_000, budget).unwrap();
-        assert!(b >= 1 && resident + b * per <= budget - budget / 10);
-        assert!(resident + (b + 1) * per > budget - budget / 10);
-        assert_eq!(fit_batch(&c, params, 2, 1000, 32, budget).unwrap(), 32);
+        let usable = budget - budget / 10;
+        // 10k images and a chunk too large for the budget: lowered to what fits without the
+        // checkpoints (which alone would pass it).
+        let resident = resident_bytes(&c, params, 2, 10_000, false);
+        let b = fit_batch(&c, params, 2, 10_000, 100_000, budget).unwrap();
+        assert!(b >= 1 && resident + b * per <= usable);
+        assert!(resident + (b + 1) * per > usable);
+        assert!(!keep_checkpoints(&c, params, 2, 10_000, b, budget));
+        // The search's default chunk fits beside the checkpoints under 24 GiB.
+        assert_eq!(fit_batch(&c, params, 2, 1000, 512, budget).unwrap(), 512);
+        assert!(keep_checkpoints(&c, params, 2, 1000, 512, budget));
         assert!(fit_batch(&c, params, 2, 1000, 32, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn checkpoints_give_way_to_the_chunk() {
+        let c = crate::model::random::preset("vit-l-14").unwrap();
+        let params = 428_000_000;
+        let per = vision_bytes_per_image(&c, 2);
+        let with = resident_bytes(&c, params, 2, 1000, true);
+        let without = resident_bytes(&c, params, 2, 1000, false);
+        // Four checkpoint layers of 1000 × 257 × 1024 f32 states.
+        assert_eq!(with - without, 4 * 4 * 1000 * 257 * 1024);
+        // A budget where 512 images fit only without the checkpoints: the chunk stays 512
+        // and the checkpoints go.
+        let budget = ((without + 512 * per) as f64 / 0.9) as usize + (1 << 20);
+        assert!(with + 512 * per > budget - budget / 10);
+        assert_eq!(fit_batch(&c, params, 2, 1000, 512, budget).unwrap(), 512);
+        assert!(!keep_checkpoints(&c, params, 2, 1000, 512, budget));
+        // Fewer images than the chunk: only the images count.
+        assert!(keep_checkpoints(&c, params, 2, 40, 512, 24 << 30));
     }
 }

@@ -120,11 +120,22 @@ pub fn run_with_svds<B: Backend>(
         naive,
         ..f.cfg.clone()
     };
-    let mut engine = Engine::new(&f.model, &f.weights, &f.data, &cfg);
-    if let Some(on) = background {
-        engine.set_background_svds(on);
-    }
-    search::run(&mut engine, &cfg, "test", None, Progress { quiet: true }).unwrap()
+    run_with(f, &cfg, |e| {
+        if let Some(on) = background {
+            e.set_background_svds(on);
+        }
+    })
+}
+
+/// The search of `cfg` on the fixture, the engine set up by `setup` first.
+pub fn run_with<B: Backend>(
+    f: &Fixture<B>,
+    cfg: &SearchConfig,
+    setup: impl FnOnce(&mut Engine<B>),
+) -> SearchState {
+    let mut engine = Engine::new(&f.model, &f.weights, &f.data, cfg);
+    setup(&mut engine);
+    search::run(&mut engine, cfg, "test", None, Progress { quiet: true }).unwrap()
 }
 
 pub fn rel(a: f64, b: f64) -> f64 {
