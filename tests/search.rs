@@ -8,6 +8,7 @@ mod common;
 
 use common::search_fixture::{load, rel, run, run_with, run_with_svds, TOLERANCE};
 use setar_engine::backend::cpu::CpuBackend;
+use setar_engine::search::{SearchState, StepRecord};
 
 fn check_against_reference(name: &str) {
     let f = load(name, CpuBackend::new());
@@ -82,13 +83,7 @@ fn background_svds_change_nothing() {
         let up_front = run_with_svds(&f, false, Some(false));
         let background = run_with_svds(&f, false, Some(true));
         common::search_fixture::check_against_reference(name, &f.json, &background, TOLERANCE);
-        for (a, b) in up_front.steps.iter().zip(&background.steps) {
-            assert_eq!(a.chosen, b.chosen, "{name}: step {}", a.step);
-            let values = |s: &setar_engine::search::StepRecord| {
-                s.candidates.iter().map(|c| c.value).collect::<Vec<_>>()
-            };
-            assert_eq!(values(a), values(b), "{name}: step {}", a.step);
-        }
+        assert_identical(name, &up_front, &background);
     }
 }
 
@@ -99,11 +94,15 @@ fn searches_without_checkpoints_give_the_same_values() {
     let f = load("vt_locoop_minor", CpuBackend::new());
     let with = run(&f, false);
     let without = run_with(&f, &f.cfg, |e| e.set_vision_checkpoints(false));
-    for (a, b) in with.steps.iter().zip(&without.steps) {
-        assert_eq!(a.chosen, b.chosen, "step {}", a.step);
-        let values = |s: &setar_engine::search::StepRecord| {
-            s.candidates.iter().map(|c| c.value).collect::<Vec<_>>()
-        };
-        assert_eq!(values(a), values(b), "step {}", a.step);
+    assert_identical("vt_locoop_minor", &with, &without);
+}
+
+/// The same decision and bit-identical candidate values at every step.
+fn assert_identical(name: &str, a: &SearchState, b: &SearchState) {
+    assert_eq!(a.steps.len(), b.steps.len(), "{name}: number of steps");
+    for (x, y) in a.steps.iter().zip(&b.steps) {
+        assert_eq!(x.chosen, y.chosen, "{name}: step {}", x.step);
+        let values = |s: &StepRecord| s.candidates.iter().map(|c| c.value).collect::<Vec<_>>();
+        assert_eq!(values(x), values(y), "{name}: step {}", x.step);
     }
 }

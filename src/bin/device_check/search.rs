@@ -182,6 +182,7 @@ pub fn time_search(
     )?;
     b.synchronize()?;
     let total_s = t0.elapsed().as_secs_f64();
+    let svd_s = svd_start_s + engine.svd_wait_seconds();
     let candidates: usize = state
         .steps
         .iter()
@@ -195,7 +196,7 @@ pub fn time_search(
         "candidates_evaluated": candidates,
         "chunk": cfg.batch,
         "svd_path": if b.background_svds() { "host threads beside the search (faer, f64)" } else { "cuSOLVER up front (f64)" },
-        "svd_seconds": svd_start_s + engine.svd_wait_seconds(),
+        "svd_seconds": svd_s,
         "svd_wait_seconds": engine.svd_wait_seconds(),
         "seconds": total_s,
         "step_seconds": state.steps.iter().map(|s| s.seconds).collect::<Vec<_>>(),
@@ -211,7 +212,7 @@ pub fn time_search(
         state.steps.len(),
         cfg.ratios.len(),
         total_s,
-        svd_start_s + engine.svd_wait_seconds(),
+        svd_s,
         res["svd_path"].as_str().unwrap_or("?"),
         b.peak_memory() as f64 / (1u64 << 30) as f64
     );
