@@ -1,22 +1,60 @@
-// Fused multi-head attention for head_dim 64 in bf16 / f16 (flash-attention style): the
+// Fused multi-head attention for head_dim 64 in bf16 / f16 (flash-attention 2 style): the
 // scores never reach memory. One block of 4 warps per (64 queries, head, sequence); each warp
-// owns 16 queries. Keys and values go through shared memory 64 at a time; S = Q·Kᵀ and O += P·V
-// run on the tensor cores (mma.sync m16n8k16, f32 accumulation) with an online softmax in f32
-// registers. Masks as `softmax.cu`: query i of sequence b sees the first
+// owns 16 queries. Keys and values stream through shared memory 64 at a time, double-buffered
+// with cp.async (the next tile lands while this one is used); their fragments come out of
+// shared memory by ldmatrix (.trans for V). S = Q·Kᵀ and O += P·V run on the tensor cores
+// (mma.sync m16n8k16, f32 accumulation) with an online softmax in f32 registers, in base 2
+// (the scale folded with log2 e). Work past the last key and warps past the last query are
+// skipped. Masks as `softmax.cu`: query i of sequence b sees the first
 // visible_keys(i, len_b, causal) keys; a query that sees none gets zeros.
 // CPU twin: `backend::cpu::attention_one` (tests/cuda.rs compares the two).
 //
-// q: [batch·queries, heads·64], k and v: [batch·seq, heads·64], out like q; lengths: int per
-// sequence or null. Launch: grid (ceil(queries / 64), heads, batch), block 128.
+// q: [batch·queries, heads·64], k and v: [batch·seq, heads·64], out like q, all 16-byte
+// aligned (the backend checks); lengths: int per sequence or null.
+// Launch: grid (ceil(queries / 64), heads, batch), block 128.
 #include "common.cuh"
 
 #define ATT_WARPS 4
 #define ATT_Q (16 * ATT_WARPS)
 #define ATT_K 64
 #define ATT_D 64
-#define ATT_PAD 8
+// A shared row is 144 bytes: the 8 rows one ldmatrix reads fall on 32 distinct banks.
+#define ATT_LD (ATT_D + 8)
 
 __device__ __forceinline__ unsigned ld32(const void* p) { return *(const unsigned*)p; }
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global → shared without passing through registers; src_bytes 0 writes zeros.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// Waits until at most one group (the newest) is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+
+// Four 8x8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8, and gets
+// (row l / 4, columns 2(l % 4), +1) of each, or with .trans (rows 2(l % 4), +1, column l / 4).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
 
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
@@ -46,25 +84,50 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return r;
 }
 
+struct KvTiles {
+    unsigned short k[2][ATT_K][ATT_LD];
+    unsigned short v[2][ATT_K][ATT_LD];
+};
+
+// Starts copying keys and values j0 .. j0+63 of (b, h) into stage `st`; rows past the
+// sequence become zeros (read from a valid row, 0 bytes taken).
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(KvTiles& sm, int st, const T* k, const T* v,
+                                             int b, int h, int seq, long long w, int j0) {
+    for (int c = threadIdx.x; c < ATT_K * ATT_D / 8; c += 32 * ATT_WARPS) {
+        const int r = c >> 3, col = (c & 7) * 8, j = j0 + r;
+        const bool in = j < seq;
+        const long long off = ((long long)b * seq + (in ? j : 0)) * w + (long long)h * ATT_D + col;
+        cp_async16(smem_addr(&sm.k[st][r][col]), k + off, in ? 16 : 0);
+        cp_async16(smem_addr(&sm.v[st][r][col]), v + off, in ? 16 : 0);
+    }
+}
+
 template <typename T, bool BF16>
 __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, const T* v, T* out,
                                                      int seq, int queries, int heads,
                                                      float scale, int causal,
                                                      const int* lengths) {
-    __shared__ __align__(16) unsigned short ks[ATT_K][ATT_D + ATT_PAD];
-    __shared__ __align__(16) unsigned short vs[ATT_K][ATT_D + ATT_PAD];
+    __shared__ __align__(128) KvTiles sm;
     const int b = blockIdx.z, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const long long w = (long long)heads * ATT_D;
     const int q_block = blockIdx.x * ATT_Q;
     const int i0 = q_block + warp * 16 + g, i1 = i0 + 8;  // this thread's two query rows
+    // A warp whose 16 rows are all past the last query only helps with the copies.
+    const bool active = q_block + warp * 16 < queries;
     int len = seq;
     if (lengths != 0) len = min(lengths[b], seq);
     if (len < 0) len = 0;
     const int n0 = causal ? min(len, i0 + 1) : len;
     const int n1 = causal ? min(len, i1 + 1) : len;
     const int kv_end = causal ? min(len, q_block + ATT_Q) : len;
+    const int tiles = (kv_end + ATT_K - 1) / ATT_K;
+    const float scale_log2 = scale * 1.4426950408889634f;
+
+    if (tiles > 0) load_kv_tile(sm, 0, k, v, b, h, seq, w, 0);
+    cp_async_commit();
 
     // Q as A fragments, one per 16 head dims.
     unsigned qa[4][4];
@@ -83,101 +146,109 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
     float o[8][4];
 #pragma unroll
     for (int d = 0; d < 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    // Running maxima (log2 units) and sums of this thread's two rows.
     float m0 = neg_inf, m1 = neg_inf, l0 = 0.f, l1 = 0.f;
+    // ldmatrix row addresses: lane l reads row l % 8 of matrix l / 8.
+    const int mrow = lane & 7, mat = lane >> 3;
 
-    for (int j0 = 0; j0 < kv_end; j0 += ATT_K) {
+    for (int it = 0; it < tiles; ++it) {
+        const int st = it & 1, j0 = it * ATT_K, kv_left = kv_end - j0;
+        if (it + 1 < tiles) load_kv_tile(sm, st ^ 1, k, v, b, h, seq, w, j0 + ATT_K);
+        cp_async_commit();
+        cp_async_wait_all_but_one();
         __syncthreads();
-        for (int idx = threadIdx.x; idx < ATT_K * ATT_D / 2; idx += blockDim.x) {
-            int r = idx / (ATT_D / 2), c = (idx % (ATT_D / 2)) * 2;
-            int j = j0 + r;
-            unsigned kw = 0u, vw = 0u;
-            if (j < seq) {
-                long long off = ((long long)b * seq + j) * w + (long long)h * ATT_D + c;
-                kw = ld32(k + off);
-                vw = ld32(v + off);
+        if (active) {
+            // S = Q·Kᵀ for these 64 keys: 8 tiles of 8 keys; matrices 0-3 of one ldmatrix are
+            // head dims 0-7, 8-15, 16-23, 24-31 (then 32-63) of the tile's 8 keys.
+            float s[8][4];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+                if (nt * 8 < kv_left) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        unsigned kb[4];
+                        ldmatrix_x4(kb, smem_addr(&sm.k[st][nt * 8 + mrow][half * 32 + mat * 8]));
+                        mma16816<BF16>(s[nt], qa[2 * half], kb[0], kb[1]);
+                        mma16816<BF16>(s[nt], qa[2 * half + 1], kb[2], kb[3]);
+                    }
+                }
             }
-            *(unsigned*)&ks[r][c] = kw;
-            *(unsigned*)&vs[r][c] = vw;
-        }
-        __syncthreads();
-
-        // S = Q·Kᵀ for these 64 keys: 8 tiles of 8 keys.
-        float s[8][4];
+            // Scale and mask (keys past kv_end are masked too); the rows' maxima over the
+            // quad's four threads.
+            float mx0 = neg_inf, mx1 = neg_inf;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                const unsigned short* kr = &ks[nt * 8 + g][kk * 16 + 2 * t];
-                mma16816<BF16>(s[nt], qa[kk], ld32(kr), ld32(kr + 8));
+                for (int e = 0; e < 4; ++e) {
+                    int j = j0 + nt * 8 + 2 * t + (e & 1);
+                    int n = e < 2 ? n0 : n1;
+                    s[nt][e] = j < n ? s[nt][e] * scale_log2 : neg_inf;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
             }
-        }
-        // Scale and mask; the rows' maxima over the quad's four threads.
-        float mx0 = neg_inf, mx1 = neg_inf;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int j = j0 + nt * 8 + 2 * t + (e & 1);
-                int n = e < 2 ? n0 : n1;
-                s[nt][e] = j < n ? s[nt][e] * scale : neg_inf;
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
-            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-        }
+            float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
+            // A row that has seen no key yet keeps a finite base, so that exp2() gives 0, not NaN.
+            float base0 = new0 == neg_inf ? 0.f : new0, base1 = new1 == neg_inf ? 0.f : new1;
+            float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+            float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
-        // A row that has seen no key yet keeps a finite base, so that exp() gives 0, not NaN.
-        float base0 = new0 == neg_inf ? 0.f : new0, base1 = new1 == neg_inf ? 0.f : new1;
-        float alpha0 = expf(m0 - base0), alpha1 = expf(m1 - base1);
-        float sum0 = 0.f, sum1 = 0.f;
+            for (int nt = 0; nt < 8; ++nt) {
+                s[nt][0] = exp2f(s[nt][0] - base0);
+                s[nt][1] = exp2f(s[nt][1] - base0);
+                s[nt][2] = exp2f(s[nt][2] - base1);
+                s[nt][3] = exp2f(s[nt][3] - base1);
+                sum0 += s[nt][0] + s[nt][1];
+                sum1 += s[nt][2] + s[nt][3];
+            }
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            s[nt][0] = expf(s[nt][0] - base0);
-            s[nt][1] = expf(s[nt][1] - base0);
-            s[nt][2] = expf(s[nt][2] - base1);
-            s[nt][3] = expf(s[nt][3] - base1);
-            sum0 += s[nt][0] + s[nt][1];
-            sum1 += s[nt][2] + s[nt][3];
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
-            sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
-        }
-        l0 = l0 * alpha0 + sum0;
-        l1 = l1 * alpha1 + sum1;
-        m0 = new0;
-        m1 = new1;
-#pragma unroll
-        for (int d = 0; d < 8; ++d) {
-            o[d][0] *= alpha0;
-            o[d][1] *= alpha0;
-            o[d][2] *= alpha1;
-            o[d][3] *= alpha1;
-        }
-        // O += P·V: P's accumulator layout is the A-fragment layout of the next product.
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            unsigned pa[4] = {pack2<BF16>(s[2 * kk][0], s[2 * kk][1]),
-                              pack2<BF16>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            int r = kk * 16 + 2 * t;
+            for (int off = 1; off < 4; off <<= 1) {
+                sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
+                sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+            }
+            l0 = l0 * alpha0 + sum0;
+            l1 = l1 * alpha1 + sum1;
+            m0 = new0;
+            m1 = new1;
 #pragma unroll
             for (int d = 0; d < 8; ++d) {
-                int c = d * 8 + g;
-                unsigned b0 = (unsigned)vs[r][c] | ((unsigned)vs[r + 1][c] << 16);
-                unsigned b1 = (unsigned)vs[r + 8][c] | ((unsigned)vs[r + 9][c] << 16);
-                mma16816<BF16>(o[d], pa, b0, b1);
+                o[d][0] *= alpha0;
+                o[d][1] *= alpha0;
+                o[d][2] *= alpha1;
+                o[d][3] *= alpha1;
+            }
+            // O += P·V: P's accumulator layout is the A-fragment layout of the next product.
+            // Matrices 0-3 of one ldmatrix.trans: keys +0-7 and +8-15 of head dims 8·dp, then
+            // the same keys of dims 8·dp + 8. Chunks of 16 keys past kv_end have P = 0: skipped.
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                if (kk * 16 < kv_left) {
+                    unsigned pa[4] = {pack2<BF16>(s[2 * kk][0], s[2 * kk][1]),
+                                      pack2<BF16>(s[2 * kk][2], s[2 * kk][3]),
+                                      pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                      pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                    for (int dp = 0; dp < 8; dp += 2) {
+                        unsigned vb[4];
+                        ldmatrix_x4_trans(vb, smem_addr(&sm.v[st][kk * 16 + (mat & 1) * 8 + mrow]
+                                                             [(dp + (mat >> 1)) * 8]));
+                        mma16816<BF16>(o[dp], pa, vb[0], vb[1]);
+                        mma16816<BF16>(o[dp + 1], pa, vb[2], vb[3]);
+                    }
+                }
             }
         }
+        // Every warp is done with stage `st` before the next iteration's copies refill it.
+        __syncthreads();
     }
 
+    if (!active) return;
     float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     T* out0 = out + ((long long)b * queries + i0) * w + (long long)h * ATT_D;
     T* out1 = out + ((long long)b * queries + i1) * w + (long long)h * ATT_D;
@@ -189,13 +260,14 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+// At most 128 registers, so that 4 blocks (16 warps) share a multiprocessor.
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS, 4)
     flash_attention_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int seq,
                          int queries, int heads, float scale, int causal, const int* lengths) {
     flash_attention_impl<bf16_t, true>(q, k, v, out, seq, queries, heads, scale, causal, lengths);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS, 4)
     flash_attention_f16(const f16_t* q, const f16_t* k, const f16_t* v, f16_t* out, int seq,
                         int queries, int heads, float scale, int causal, const int* lengths) {
     flash_attention_impl<f16_t, false>(q, k, v, out, seq, queries, heads, scale, causal,

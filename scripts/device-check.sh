@@ -15,8 +15,8 @@
 # Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (backend
 # variants: a dtype plus +unfused / +fused (the attention path; default: fused where it
 # passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
-# a kernel, not in the GEMMs), +devsvd (the search's SVDs by cuSOLVER up front instead of on
-# host threads beside it)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
+# a kernel, not in the GEMMs), +hostsvd (the search's SVDs on host threads beside it instead
+# of by cuSOLVER up front)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
 # binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
@@ -37,7 +37,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+unfused,bf16+devsvd}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+unfused,bf16+hostsvd}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}

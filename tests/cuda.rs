@@ -352,7 +352,9 @@ fn linear_matches_cpu() {
 #[test]
 fn layer_norm_matches_cpu() {
     let mut rng = Rng::new("layer norm");
-    for (rows, dim) in [(37, 193), (3, 1030), (1, 31), (70, 768)] {
+    // The plain loop (193, 1030: wider than the registers hold, 31) and the 4-value loads
+    // (768; 20: lanes past the row's end; 1024: every register chunk).
+    for (rows, dim) in [(37, 193), (3, 1030), (1, 31), (70, 768), (5, 20), (9, 1024)] {
         // A large common offset checks the two-pass variance.
         let x: Vec<f32> = rng
             .vec(rows * dim, -2.0, 2.0)
@@ -686,14 +688,17 @@ fn auto_attention_uses_the_fused_kernel() {
 }
 
 /// The fused tensor-core attention (kernels/attention.cu, bf16 / f16, head_dim 64) against
-/// the CPU on CLIP's shapes (197 patches + class token, the class token alone, 77 text tokens),
-/// awkward ones, and every mask.
+/// the CPU on CLIP's shapes (197 and 257 tokens: 4 and 5 key tiles through the two
+/// shared-memory stages; the class token alone; 77 text tokens), whole tiles, awkward sizes,
+/// and every mask.
 #[test]
 fn fused_attention_matches_cpu() {
     let mut rng = Rng::new("fused attention");
     let shapes = [
         (3, 197, 197, 2, 64),
         (2, 197, 1, 3, 64),
+        (1, 257, 257, 2, 64),
+        (2, 128, 128, 1, 64),
         (4, 77, 77, 2, 64),
         (2, 50, 50, 1, 64),
         (1, 130, 70, 1, 64),

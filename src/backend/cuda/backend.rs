@@ -51,9 +51,11 @@ pub struct CudaOptions {
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
     pub fused_residual: bool,
-    /// Where the search's SVDs run: on host threads while the search evaluates on the device
-    /// (`true`, faer in f64 as on the CPU; `search/background.rs`), or all up front by
-    /// cuSOLVER ([`Backend::thin_svds`]; `SETAR_CUDA_SVD=device`).
+    /// Where the search's SVDs run: all up front by cuSOLVER in f64 ([`Backend::thin_svds`],
+    /// the default), or on host threads while the search evaluates on the device (`true`,
+    /// faer in f64 as on the CPU; `search/background.rs`; `SETAR_CUDA_SVD=host`). On the H200
+    /// machine (16 cores) cuSOLVER won: 8.03 s against 8.89 s for the whole search, the host
+    /// threads' first SVD arriving 0.9 s late (BENCHMARKS.md, run 4).
     pub host_svds: bool,
 }
 
@@ -80,12 +82,14 @@ impl CudaOptions {
             },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
             host_svds: match std::env::var("SETAR_CUDA_SVD").as_deref() {
-                Ok("device") => false,
-                Ok(other) if other != "host" => {
-                    eprintln!("warning: SETAR_CUDA_SVD={other} is not host or device; using host");
-                    true
+                Ok("host") => true,
+                Ok(other) if other != "device" => {
+                    eprintln!(
+                        "warning: SETAR_CUDA_SVD={other} is not host or device; using device"
+                    );
+                    false
                 }
-                _ => true,
+                _ => false,
             },
         }
     }
@@ -1330,7 +1334,12 @@ impl Backend for CudaBackend {
                 return Ok(out);
             }
             let d = self.opts.dtype;
-            if self.fused_attention && d != DType::F32 && hd == FUSED_HEAD_DIM {
+            // The kernel copies 16 bytes at a time (cp.async); buffers are 256-byte aligned,
+            // and a view that is not falls back to the unfused path.
+            let aligned = [q.ptr(), k.ptr(), v.ptr(), out.ptr()]
+                .iter()
+                .all(|p| p % 16 == 0);
+            if self.fused_attention && d != DType::F32 && hd == FUSED_HEAD_DIM && aligned {
                 self.fused_attention(q, k, v, &out, shape, mask)?;
                 return Ok(out);
             }

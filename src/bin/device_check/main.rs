@@ -131,8 +131,8 @@ mod check {
     /// Backend variants: a dtype, optionally with `+unfused` / `+fused` (the attention path;
     /// by default the fused kernel where it passes its self-check), `+narrow` (the residual
     /// stream in the storage dtype), `+separate` (residual adds by a kernel, not in the
-    /// GEMMs) or `+devsvd` (the search's SVDs by cuSOLVER up front, not on host threads
-    /// beside the search), e.g. `bf16+unfused`.
+    /// GEMMs), `+hostsvd` (the search's SVDs on host threads beside the search, not by
+    /// cuSOLVER up front) or `+devsvd` (cuSOLVER, the default), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -144,6 +144,7 @@ mod check {
                 "narrow" => o.wide_residual = false,
                 "separate" => o.fused_residual = false,
                 "devsvd" => o.host_svds = false,
+                "hostsvd" => o.host_svds = true,
                 other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
             }
         }
