@@ -848,6 +848,35 @@ fn text_tokens_and_gather_rows_match_cpu() {
     }
 }
 
+/// Rows of whole 16-byte words take the warp-per-row copy (768 values in every dtype; 8 in
+/// bf16 / f16 is one word, 4 in bf16 / f16 is half a word: the per-element path), many rows
+/// so that the copy strides over the grid.
+#[test]
+fn gather_rows_of_every_width_match_cpu() {
+    let mut rng = Rng::new("gather widths");
+    let cpu = CpuBackend::new();
+    for dim in [768, 8, 4] {
+        let n = 700;
+        let x = rng.vec(n * dim, -1.0, 1.0);
+        let rows: Vec<usize> = (0..2500).map(|_| rng.below(n)).collect();
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            let xs = stored(dtype, &x);
+            let want = cpu.gather_rows(&xs, dim, &rows).unwrap();
+            let got = b.gather_rows(&up(b, &xs), dim, &rows).unwrap();
+            check(
+                &format!("gather_rows {}x{dim}", rows.len()),
+                dtype,
+                &b.to_vec(&got).unwrap(),
+                &want,
+                0.0,
+            );
+        }
+    }
+}
+
 /// Index arrays are cached on the device by content (`CudaBackend::indices`): more distinct
 /// row sets than the cache holds, then the same sets again in reverse, must all gather right.
 #[test]
