@@ -392,8 +392,13 @@ fn layer_norm_matches_cpu() {
 fn activations_match_cpu() {
     let mut rng = Rng::new("activations");
     let all = rng.vec(100_003, -6.0, 6.0);
+    // The short cases from [-3, 3]: GELU of x below about -5.4 is under f16's smallest
+    // subnormal, so a lone such value rounds to 0 on the device (rightly) against a nonzero
+    // f32 reference, a relative error of 1 (seen on the H200 with x = -5.92). The long case
+    // keeps the tails.
+    let short = rng.vec(7, -3.0, 3.0);
     // Fewer values than one 16-byte load, a partial load, and many loads plus a tail.
-    for x in [&all[..1], &all[..7], &all[..]] {
+    for x in [&short[..1], &short[..], &all[..]] {
         for act in [
             Activation::QuickGelu,
             Activation::Gelu,
