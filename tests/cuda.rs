@@ -854,8 +854,8 @@ fn text_tokens_and_gather_rows_match_cpu() {
 }
 
 /// Rows of whole 16-byte words take the warp-per-row copy (768 values in every dtype; 8 in
-/// bf16 / f16 is one word, 4 in bf16 / f16 is half a word: the per-element path), many rows
-/// so that the copy strides over the grid.
+/// bf16 / f16 is one word, 4 in bf16 / f16 is half a word: the per-element path), 2500 rows
+/// over many blocks, rows repeated.
 #[test]
 fn gather_rows_of_every_width_match_cpu() {
     let mut rng = Rng::new("gather widths");

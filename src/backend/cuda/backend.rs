@@ -54,8 +54,9 @@ pub struct CudaOptions {
     /// Where the search's SVDs run: all up front by cuSOLVER in f64 ([`Backend::thin_svds`],
     /// the default), or on host threads while the search evaluates on the device (`true`,
     /// faer in f64 as on the CPU; `search/background.rs`; `SETAR_CUDA_SVD=host`). On the H200
-    /// machine (16 cores) cuSOLVER won: 8.03 s against 8.89 s for the whole search, the host
-    /// threads' first SVD arriving 0.9 s late (BENCHMARKS.md, run 4).
+    /// machine (16 cores) cuSOLVER won when the host path ran first in the process (8.03 s
+    /// against 8.89 s, the first host SVD 0.9 s late) and tied when not (7.46 s against 7.42 s;
+    /// BENCHMARKS.md, run 4).
     pub host_svds: bool,
 }
 
