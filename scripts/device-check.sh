@@ -15,8 +15,10 @@
 # Env: BATCH (256), REPS (10), PYTHON (python3), MODEL (/tmp/setar-vitb16), DTYPES (backend
 # variants: a dtype plus +unfused / +fused (the attention path; default: fused where it
 # passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
-# a kernel, not in the GEMMs), +hostsvd (the search's SVDs on host threads beside it instead
-# of by cuSOLVER up front)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
+# a kernel, not in the GEMMs), +devsvd / +hostsvd / +hybridsvd (the search's SVDs all by
+# cuSOLVER up front / all on host threads beside it / the first by cuSOLVER and the rest on host
+# threads, the default), +rowbuckets (text batches of 128 prompts, the CPU's, instead of the
+# device's few large ones)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
 # binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
@@ -37,7 +39,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+unfused,bf16+hostsvd}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+devsvd,bf16+hostsvd,bf16+rowbuckets}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}
@@ -205,6 +207,11 @@ for d, r in search.items():
     L.append(f"- setar-engine {d}: {s['seconds']:.2f} s for {s['images']} images x {s['classes']} classes "
              f"({s['candidates_evaluated']} candidates evaluated; the 24 SVDs {s['svd_seconds']:.2f} s of it, {s.get('svd_path', '?')}), "
              f"peak device memory {s['peak_device_memory_bytes'] / 2**30:.2f} GiB")
+    st_s = s.get("step_seconds", [])
+    if len(st_s) == 24:  # visual_text: the 12 vision steps, then the 12 text steps
+        L.append(f"- {d}: vision steps {sum(st_s[:12]):.2f} s, text steps {sum(st_s[12:]):.2f} s "
+                 f"({s.get('prompt_batches', '?')} text batches, {s.get('prompt_tokens_padded', '?')} tokens with padding), "
+                 f"waited for SVDs {s.get('svd_wait_seconds', 0):.2f} s")
     for name, st in (r.get("step_profile") or {}).items():
         if isinstance(st, dict) and "ops" in st:
             what = f"{st['candidates']} candidates" if "candidates" in st else "the plan's SVDs"

@@ -11,9 +11,6 @@ use crate::metrics::{self, OodMetrics};
 use crate::model::clip::{l2_normalize_rows, Linear};
 use crate::model::overrides::{LinearOverride, Overrides};
 use crate::model::prompts::PromptBuckets;
-
-/// Prompts per text-tower batch (sorted by length, each padded to its own longest).
-pub const PROMPT_BUCKET: usize = 128;
 use crate::model::Clip;
 use crate::progress::Progress;
 use crate::score::{self, Scorer};
@@ -125,7 +122,7 @@ pub fn search_data<B: Backend>(
         pixels,
         labels: items.iter().map(|i| i.label).collect(),
         images: items.iter().map(|i| i.image.rel.clone()).collect(),
-        prompts: PromptBuckets::new(&batch, PROMPT_BUCKET),
+        prompts: PromptBuckets::new(&batch, model.backend.prompt_buckets()),
     })
 }
 
@@ -398,7 +395,10 @@ pub fn evaluate<B: Backend>(
         .map(|(n, d)| Ok((n.clone(), find_images(d)?)))
         .collect::<Result<_>>()?;
     let ov = applied.overrides::<B>();
-    let prompts = PromptBuckets::new(&prompt_batch(model, tokenizer, labels), PROMPT_BUCKET);
+    let prompts = PromptBuckets::new(
+        &prompt_batch(model, tokenizer, labels),
+        model.backend.prompt_buckets(),
+    );
     let mut text = model.encode_prompts(&prompts, &ov)?;
     l2_normalize_rows(&mut text, model.config.projection_dim);
     let id_entries: Vec<ImageEntry> = id_items.iter().map(|i| i.image.clone()).collect();

@@ -15,7 +15,7 @@ use setar_engine::backend::cpu::{self, CpuBackend};
 use setar_engine::backend::cuda::{
     kernels, AttentionPath, CudaBackend, CudaOptions, DType, GemmPath,
 };
-use setar_engine::backend::{fastmath, AttentionMask, AttentionShape, Backend};
+use setar_engine::backend::{fastmath, AttentionMask, AttentionShape, Backend, SvdSchedule};
 use setar_engine::config::{Activation, ClipConfig};
 use setar_engine::model::clip::{l2_normalize_rows, logits};
 use setar_engine::model::Clip;
@@ -1363,9 +1363,14 @@ fn search_fixtures_take_the_reference_decisions_f32() {
     };
     for name in NAMES {
         let f = load(name, CudaBackend::with_options(0, b.options()).unwrap());
-        // The SVDs both ways: cuSOLVER up front, and faer on host threads beside the search.
-        for (background, how) in [(false, "cuSOLVER SVDs"), (true, "host SVDs")] {
-            let ours = run_with_svds(&f, false, Some(background));
+        // The SVDs every way: cuSOLVER up front, faer on host threads beside the search, and
+        // the first by cuSOLVER with the rest on host threads (the default).
+        for (schedule, how) in [
+            (SvdSchedule::UpFront, "cuSOLVER SVDs"),
+            (SvdSchedule::Background, "host SVDs"),
+            (SvdSchedule::FirstThenBackground, "hybrid SVDs"),
+        ] {
+            let ours = run_with_svds(&f, false, Some(schedule));
             let worst = check_against_reference(name, &f.json, &ours, 1e-4);
             println!(
                 "search {name:<26} f32 CUDA, {how}: same decisions, worst candidate error {worst:.2e}"

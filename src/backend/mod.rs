@@ -11,6 +11,7 @@ pub mod row_stats;
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::lowrank::Svd;
+use crate::model::prompts::{BucketPlan, PROMPT_BUCKET};
 use crate::weights::F32Data;
 use rayon::prelude::*;
 pub use row_stats::RowStats;
@@ -83,6 +84,21 @@ pub fn check_text_tokens(
         )));
     }
     Ok(())
+}
+
+/// Where a search computes the SVDs of its targets: by the backend's [`Backend::thin_svds`]
+/// or on host threads (faer in f64, [`Svd::new`]). The schedule changes only when each SVD is
+/// ready, not the search's decisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvdSchedule {
+    /// All by [`Backend::thin_svds`] before the first step.
+    UpFront,
+    /// All on host threads beside the search (a device backend: the host mostly waits), each
+    /// step waiting only for its own target's.
+    Background,
+    /// The first target's by [`Backend::thin_svds`], since the first step needs it at once, and
+    /// the rest on host threads beside the search.
+    FirstThenBackground,
 }
 
 /// Tensor ops the model needs. Activations are row-major `[rows, dim]` f32.
@@ -280,11 +296,18 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
-    /// Whether the search should compute its SVDs on host threads while it runs, instead of
-    /// by [`Backend::thin_svds`] up front: true where the backend computes on a device (the
-    /// host is otherwise idle during the search); false on the CPU, whose cores the search uses.
-    fn background_svds(&self) -> bool {
-        false
+    /// How the text tower groups prompts into batches. Default (the CPU): sorted by length,
+    /// [`PROMPT_BUCKET`] at a time, the least padding.
+    fn prompt_buckets(&self) -> BucketPlan {
+        BucketPlan::Fixed {
+            rows: PROMPT_BUCKET,
+        }
+    }
+
+    /// Where the search computes its SVDs. Default (the CPU, whose cores the search itself
+    /// uses): all up front.
+    fn svd_schedule(&self) -> SvdSchedule {
+        SvdSchedule::UpFront
     }
 
     /// Thin SVDs of row-major `[out, in]` weights, as [`Svd::new`] computes them. Default: faer

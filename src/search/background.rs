@@ -88,10 +88,14 @@ impl BackgroundSvds {
         })
     }
 
-    /// Threads for the background SVDs: all cores but one (the one driving the device).
+    /// Threads for the background SVDs: half the cores. The other half stay free for the
+    /// thread driving the device and the search's own host work. With all cores but one busy
+    /// (BENCHMARKS.md, run 4b) the search's steps took 0.36 s longer in all than beside
+    /// cuSOLVER's SVDs up front (6.86 s against 6.50 s; one run each, so maybe noise), and half
+    /// the cores still finish the 23 SVDs after the first in about a second.
     pub fn default_threads() -> usize {
         std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1))
+            .map(|n| n.get() / 2)
             .unwrap_or(1)
             .max(1)
     }

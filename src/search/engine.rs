@@ -15,7 +15,7 @@
 use super::background::{BackgroundSvds, TargetWeight};
 use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
 use super::{memory, SearchConfig};
-use crate::backend::{AttentionMask, Backend};
+use crate::backend::{AttentionMask, Backend, SvdSchedule};
 use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target, Tower, WeightType};
 use crate::model::clip::{text_mask, Linear};
@@ -90,10 +90,9 @@ pub struct Engine<'a, B: Backend> {
     /// below them is decided: a top-down search computes the tower's lower layers once, not
     /// once per step. (A cell: filled while the decided settings' overrides borrow the engine.)
     vision_states: RefCell<Vec<BTreeMap<usize, B::Tensor>>>,
-    /// Whether `prepare_all` hands the SVDs to host threads and lets the search go on (see
-    /// `background.rs`; the default where the backend computes on a device) instead of
-    /// computing them all up front by the backend.
-    background_svds: bool,
+    /// Whether `prepare_all` computes the SVDs up front by the backend or hands (all but the
+    /// first of) them to host threads and lets the search go on (see `background.rs`).
+    svd_schedule: SvdSchedule,
     /// The SVDs being computed in the background.
     background: Option<BackgroundSvds>,
     /// The vision layers whose entering states `vision_states` keeps besides layer 0: the
@@ -125,7 +124,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             text_version: 0,
             vision_version: 0,
             vision_states: RefCell::new(Vec::new()),
-            background_svds: model.backend.background_svds(),
+            svd_schedule: model.backend.svd_schedule(),
             background: None,
             checkpoints: {
                 let b = &model.backend;
@@ -158,10 +157,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
     }
 
-    /// Chooses where `prepare_all` computes the SVDs: on host threads while the search goes on
-    /// (`true`), or all up front by the backend (`false`). Either gives the same decisions.
-    pub fn set_background_svds(&mut self, on: bool) {
-        self.background_svds = on;
+    /// Chooses where `prepare_all` computes the SVDs (any schedule gives the same decisions).
+    pub fn set_svd_schedule(&mut self, schedule: SvdSchedule) {
+        self.svd_schedule = schedule;
     }
 
     /// Seconds the search has waited for background SVDs (0 when they run up front).
@@ -264,7 +262,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             .filter(|t| !self.prepared.contains_key(t))
             .filter(|t| !self.background.as_ref().is_some_and(|bg| bg.has(*t)))
             .collect();
-        if self.background_svds && !todo.is_empty() {
+        if self.svd_schedule != SvdSchedule::UpFront && !todo.is_empty() {
             // One pool at a time: first take in what an earlier call started.
             let earlier = self
                 .background
@@ -273,8 +271,12 @@ impl<'a, B: Backend> Engine<'a, B> {
             for t in earlier {
                 self.prepare(t)?;
             }
-            let mut mats = Vec::with_capacity(todo.len());
-            for &target in &todo {
+            let (first, rest) = match self.svd_schedule {
+                SvdSchedule::FirstThenBackground => (Some(todo[0]), &todo[1..]),
+                _ => (None, &todo[..]),
+            };
+            let mut mats = Vec::with_capacity(rest.len());
+            for &target in rest {
                 let (weight, bias, out_dim, in_dim) = self.load_target(target)?;
                 mats.push(TargetWeight {
                     target,
@@ -286,6 +288,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             let bg = BackgroundSvds::start(mats, BackgroundSvds::default_threads())?;
             self.background = Some(bg);
+            // The host threads are busy with the rest while the backend does this one.
+            if let Some(t) = first {
+                self.prepare(t)?;
+            }
             return Ok(());
         }
         if todo.len() < 2 {
@@ -592,7 +598,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         if self.decided.contains_key(&target) {
             return Err(Error::invalid(format!("{target} is already decided")));
         }
-        let kmax = ranks.iter().copied().max().unwrap_or(0);
+        // The shared x·V gets kmax columns, rounded up to a multiple of 8 so that its rows
+        // stay 16-byte aligned in 16-bit dtypes, as cuBLAS's fast kernels need (the extra
+        // columns are the next components in removal order; no candidate uses them).
+        let kmax = ranks
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(8)
+            .min(self.rank_dim(target)?);
         let b = &self.model.backend;
         let mut evals: Vec<Vec<ImageEval>> = vec![Vec::with_capacity(self.data.len()); ranks.len()];
         let dim = self.model.config.projection_dim;

@@ -4,18 +4,19 @@
 
 use super::fixtures;
 use serde_json::Value;
-use setar_engine::backend::Backend;
+use setar_engine::backend::{Backend, SvdSchedule};
 use setar_engine::config::ClipConfig;
 use setar_engine::data::LabelSet;
-use setar_engine::jobs::search_data;
+use setar_engine::jobs::{prompt_batch, search_data};
 use setar_engine::loss::{Averaging, LocoopConfig};
 use setar_engine::lowrank::{PruneType, WeightType};
+use setar_engine::model::prompts::{BucketPlan, PromptBuckets};
 use setar_engine::model::Clip;
 use setar_engine::progress::Progress;
 use setar_engine::score::Scorer;
 use setar_engine::search::engine::{Engine, SearchData};
 use setar_engine::search::{self, Objective, Order, SearchConfig, SearchState};
-use setar_engine::tokenizer::Tokenizer;
+use setar_engine::tokenizer::{Batch, Tokenizer};
 use setar_engine::weights::WeightsFile;
 
 /// Every reference search fixture.
@@ -36,6 +37,8 @@ pub struct Fixture<B: Backend> {
     pub model: Clip<B>,
     pub data: SearchData,
     pub cfg: SearchConfig,
+    /// The tokenised prompts, ungrouped.
+    pub prompts: Batch,
 }
 
 pub fn load<B: Backend>(name: &str, backend: B) -> Fixture<B> {
@@ -61,6 +64,7 @@ pub fn load<B: Backend>(name: &str, backend: B) -> Fixture<B> {
         Progress { quiet: true },
     )
     .unwrap();
+    let prompts = prompt_batch(&model, &tokenizer, &labels);
     let want_images: Vec<String> = serde_json::from_value(json["images"].clone()).unwrap();
     assert_eq!(data.images, want_images, "image order");
     let p = &json["params"];
@@ -103,26 +107,32 @@ pub fn load<B: Backend>(name: &str, backend: B) -> Fixture<B> {
         model,
         data,
         cfg,
+        prompts,
     }
+}
+
+/// The fixture's prompts grouped into text batches by `plan` instead of the backend's way.
+pub fn regroup_prompts<B: Backend>(f: &mut Fixture<B>, plan: BucketPlan) {
+    f.data.prompts = PromptBuckets::new(&f.prompts, plan);
 }
 
 pub fn run<B: Backend>(f: &Fixture<B>, naive: bool) -> SearchState {
     run_with_svds(f, naive, None)
 }
 
-/// As [`run`]; `background`: force where the SVDs run (`None`: the backend's default).
+/// As [`run`]; `schedule`: force where the SVDs run (`None`: the backend's default).
 pub fn run_with_svds<B: Backend>(
     f: &Fixture<B>,
     naive: bool,
-    background: Option<bool>,
+    schedule: Option<SvdSchedule>,
 ) -> SearchState {
     let cfg = SearchConfig {
         naive,
         ..f.cfg.clone()
     };
     run_with(f, &cfg, |e| {
-        if let Some(on) = background {
-            e.set_background_svds(on);
+        if let Some(s) = schedule {
+            e.set_svd_schedule(s);
         }
     })
 }

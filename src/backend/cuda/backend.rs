@@ -7,10 +7,11 @@ use super::kernels::{Arg, Kernels, Launch};
 use super::DType;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::row_stats::{self, OodSums, RowStats};
-use crate::backend::{relative_error, AttentionMask, AttentionShape, Backend};
+use crate::backend::{relative_error, AttentionMask, AttentionShape, Backend, SvdSchedule};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::lowrank::Svd;
+use crate::model::prompts::BucketPlan;
 use crate::weights::F32Data;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -51,14 +52,23 @@ pub struct CudaOptions {
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
     pub fused_residual: bool,
-    /// Where the search's SVDs run: all up front by cuSOLVER in f64 ([`Backend::thin_svds`],
-    /// the default), or on host threads while the search evaluates on the device (`true`,
-    /// faer in f64 as on the CPU; `search/background.rs`; `SETAR_CUDA_SVD=host`). On the H200
-    /// machine (16 cores) cuSOLVER won when the host path ran first in the process (8.03 s
-    /// against 8.89 s, the first host SVD 0.9 s late) and tied when not (7.46 s against 7.42 s;
-    /// BENCHMARKS.md, run 4).
-    pub host_svds: bool,
+    /// Where the search's SVDs run (`SETAR_CUDA_SVD=hybrid|device|host`): by default the
+    /// first target's by cuSOLVER in f64 (the first step needs it at once) and the rest on host
+    /// threads while the search evaluates on the device (faer in f64 as on the CPU,
+    /// `search/background.rs`); `device`: all by cuSOLVER up front; `host`: all on host
+    /// threads. On the H200 machine (run 4) cuSOLVER up front beat all-host when the host path
+    /// ran first in the process (8.03 s against 8.89 s: the first host SVD came 0.9 s late)
+    /// and tied when not (7.46 s against 7.42 s); the hybrid is there to drop both costs.
+    pub svd: SvdSchedule,
+    /// How the text tower groups prompts: by default few large batches, trading a little
+    /// padding for launches (ImageNet's 1000 prompts: 2 batches of 9828 tokens in all against
+    /// the CPU's 8 of 9168).
+    pub prompt_buckets: BucketPlan,
 }
+
+/// The text batches' fixed cost in tokens for [`BucketPlan::Balanced`]: a layer of a batch is
+/// a dozen launches, ~50 µs, what ~2000 tokens' arithmetic takes on an H200.
+pub const PROMPT_BATCH_OVERHEAD_TOKENS: usize = 2048;
 
 impl CudaOptions {
     pub fn new(dtype: DType) -> CudaOptions {
@@ -82,15 +92,20 @@ impl CudaOptions {
                 _ => AttentionPath::Auto,
             },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
-            host_svds: match std::env::var("SETAR_CUDA_SVD").as_deref() {
-                Ok("host") => true,
-                Ok(other) if other != "device" => {
+            svd: match std::env::var("SETAR_CUDA_SVD").as_deref() {
+                Ok("device") => SvdSchedule::UpFront,
+                Ok("host") => SvdSchedule::Background,
+                Ok(other) if other != "hybrid" => {
                     eprintln!(
-                        "warning: SETAR_CUDA_SVD={other} is not host or device; using device"
+                        "warning: SETAR_CUDA_SVD={other} is not hybrid, device or host; using hybrid"
                     );
-                    false
+                    SvdSchedule::FirstThenBackground
                 }
-                _ => false,
+                _ => SvdSchedule::FirstThenBackground,
+            },
+            prompt_buckets: BucketPlan::Balanced {
+                overhead_tokens: PROMPT_BATCH_OVERHEAD_TOKENS,
+                max_rows: 1024,
             },
         }
     }
@@ -1759,8 +1774,12 @@ impl Backend for CudaBackend {
         Ok(Some(out))
     }
 
-    fn background_svds(&self) -> bool {
-        self.opts.host_svds
+    fn svd_schedule(&self) -> SvdSchedule {
+        self.opts.svd
+    }
+
+    fn prompt_buckets(&self) -> BucketPlan {
+        self.opts.prompt_buckets
     }
 
     /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].

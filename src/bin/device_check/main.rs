@@ -48,9 +48,10 @@ mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
     use setar_engine::backend::cuda::{self, AttentionPath, CudaBackend, CudaOptions, DType};
-    use setar_engine::backend::{relative_error, Backend};
+    use setar_engine::backend::{relative_error, Backend, SvdSchedule};
     use setar_engine::config::ClipConfig;
     use setar_engine::model::clip::logits;
+    use setar_engine::model::prompts::{BucketPlan, PROMPT_BUCKET};
     use setar_engine::model::random::{preset, write_random_model};
     use setar_engine::model::Clip;
     use setar_engine::weights::{SaveDtype, WeightsFile};
@@ -131,8 +132,10 @@ mod check {
     /// Backend variants: a dtype, optionally with `+unfused` / `+fused` (the attention path;
     /// by default the fused kernel where it passes its self-check), `+narrow` (the residual
     /// stream in the storage dtype), `+separate` (residual adds by a kernel, not in the
-    /// GEMMs), `+hostsvd` (the search's SVDs on host threads beside the search, not by
-    /// cuSOLVER up front) or `+devsvd` (cuSOLVER, the default), e.g. `bf16+unfused`.
+    /// GEMMs), `+devsvd` (the search's SVDs all by cuSOLVER up front), `+hostsvd` (all on
+    /// host threads beside the search), `+hybridsvd` (the first by cuSOLVER, the rest on host
+    /// threads: the default), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
+    /// the device's few large ones), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -143,8 +146,14 @@ mod check {
                 "unfused" => o.attention = AttentionPath::Unfused,
                 "narrow" => o.wide_residual = false,
                 "separate" => o.fused_residual = false,
-                "devsvd" => o.host_svds = false,
-                "hostsvd" => o.host_svds = true,
+                "devsvd" => o.svd = SvdSchedule::UpFront,
+                "hostsvd" => o.svd = SvdSchedule::Background,
+                "hybridsvd" => o.svd = SvdSchedule::FirstThenBackground,
+                "rowbuckets" => {
+                    o.prompt_buckets = BucketPlan::Fixed {
+                        rows: PROMPT_BUCKET,
+                    }
+                }
                 other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
             }
         }

@@ -11,7 +11,7 @@
 
 use serde_json::{json, Value};
 use setar_engine::backend::cuda::CudaBackend;
-use setar_engine::backend::Backend;
+use setar_engine::backend::{Backend, SvdSchedule};
 use setar_engine::data::LabelSet;
 use setar_engine::loss::{Averaging, LocoopConfig, LocoopPreset};
 use setar_engine::lowrank::{rank_for, PruneType, Target, Tower, WeightType};
@@ -50,7 +50,7 @@ pub fn synthetic_data(
         ),
         labels: (0..n).map(|i| i % refs.len()).collect(),
         images: (0..n).map(|i| format!("synthetic/{i}")).collect(),
-        prompts: PromptBuckets::new(&batch, 128),
+        prompts: PromptBuckets::new(&batch, model.backend.prompt_buckets()),
     })
 }
 
@@ -195,7 +195,13 @@ pub fn time_search(
         "ratios": cfg.ratios.len(),
         "candidates_evaluated": candidates,
         "chunk": cfg.batch,
-        "svd_path": if b.background_svds() { "host threads beside the search (faer, f64)" } else { "cuSOLVER up front (f64)" },
+        "svd_path": match b.svd_schedule() {
+            SvdSchedule::UpFront => "cuSOLVER up front (f64)",
+            SvdSchedule::Background => "host threads beside the search (faer, f64)",
+            SvdSchedule::FirstThenBackground => "the first by cuSOLVER (f64), the rest on host threads beside the search (faer, f64)",
+        },
+        "prompt_batches": data.prompts.buckets.len(),
+        "prompt_tokens_padded": data.prompts.padded_tokens(),
         "svd_seconds": svd_s,
         "svd_wait_seconds": engine.svd_wait_seconds(),
         "seconds": total_s,
