@@ -16,9 +16,12 @@
 # variants: a dtype plus +unfused / +fused (the attention path; default: fused where it
 # passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
 # a kernel, not in the GEMMs), +devsvd / +hostsvd / +hybridsvd (the search's SVDs all by
-# cuSOLVER up front / all on host threads beside it / the first by cuSOLVER and the rest on host
-# threads, the default), +rowbuckets (text batches of 128 prompts, the CPU's, instead of the
-# device's few large ones)), SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
+# cuSOLVER up front, the default / all on host threads beside it / the first by cuSOLVER and
+# the rest on host threads), +eigseq / +eigstreams / +eigbatched (cuSOLVER's eigen-
+# decompositions one after another / on several streams / in one batched call), +deltacand
+# (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +rowbuckets
+# (text batches of 128 prompts, the CPU's, instead of the device's few large ones)),
+# SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
 # binary and test executable (~63 MiB), so trim .device to what this check needs first (here):
@@ -39,7 +42,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+devsvd,bf16+hostsvd,bf16+rowbuckets}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+eigstreams,bf16+eigbatched,bf16+deltacand}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}
@@ -212,6 +215,10 @@ for d, r in search.items():
         L.append(f"- {d}: vision steps {sum(st_s[:12]):.2f} s, text steps {sum(st_s[12:]):.2f} s "
                  f"({s.get('prompt_batches', '?')} text batches, {s.get('prompt_tokens_padded', '?')} tokens with padding), "
                  f"waited for SVDs {s.get('svd_wait_seconds', 0):.2f} s")
+    sp = r.get("svd_paths") or {}
+    if sp:
+        L.append(f"- the 24 SVDs alone by cuSOLVER, per eigen path (after a warm-up, median of 3): "
+                 + ", ".join(f"{k} {v['seconds']:.3f} s" if "seconds" in v else f"{k} ERROR {v.get('error', v)}" for k, v in sp.items()))
     for name, st in (r.get("step_profile") or {}).items():
         if isinstance(st, dict) and "ops" in st:
             what = f"{st['candidates']} candidates" if "candidates" in st else "the plan's SVDs"

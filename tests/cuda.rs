@@ -13,7 +13,7 @@ mod common;
 use common::{fixtures, rel_err, tensor};
 use setar_engine::backend::cpu::{self, CpuBackend};
 use setar_engine::backend::cuda::{
-    kernels, AttentionPath, CudaBackend, CudaOptions, DType, GemmPath,
+    kernels, AttentionPath, CudaBackend, CudaOptions, DType, EigPath, GemmPath,
 };
 use setar_engine::backend::{fastmath, AttentionMask, AttentionShape, Backend, SvdSchedule};
 use setar_engine::config::{Activation, ClipConfig};
@@ -1125,7 +1125,8 @@ fn lowrank_weight_matches_host_pruning() {
     }
 }
 
-/// The cuSOLVER SVDs (tall, wide and square; two of one shape share a batch) against faer's:
+/// The cuSOLVER SVDs (tall, wide and square; two of one shape share a batch, and nine of
+/// another, more than the eigen-decomposition's streams) against faer's, by every eigen path:
 /// singular values, and W' for several ranks (which does not depend on signs or on the
 /// basis chosen inside repeated singular values).
 #[test]
@@ -1135,7 +1136,8 @@ fn cusolver_svds_match_faer() {
         return;
     };
     let mut rng = Rng::new("svd");
-    let shapes = [(67, 23), (23, 67), (67, 23), (31, 31), (300, 77)];
+    let mut shapes = vec![(67, 23), (23, 67), (67, 23), (31, 31), (300, 77)];
+    shapes.extend([(45, 19); 9]);
     let mats: Vec<Vec<f32>> = shapes
         .iter()
         .map(|&(o, i)| rng.vec(o * i, -1.0, 1.0))
@@ -1145,42 +1147,45 @@ fn cusolver_svds_match_faer() {
         .zip(&shapes)
         .map(|(m, &(o, i))| (m.as_slice(), o, i))
         .collect();
-    let got = b.thin_svds(&args).unwrap();
     let target = Target {
         tower: Tower::Text,
         weight: WeightType::Down,
         layer: Some(1),
     };
-    for ((m, &(o, i)), g) in mats.iter().zip(&shapes).zip(&got) {
-        let want = Svd::new(m, o, i).unwrap();
-        assert_eq!((g.out_dim, g.in_dim, g.k()), (o, i, o.min(i)));
-        let (gs, ws): (Vec<f32>, Vec<f32>) =
-            g.s.iter()
-                .zip(&want.s)
-                .map(|(a, b)| (*a as f32, *b as f32))
-                .unzip();
-        check(
-            &format!("singular values {o}x{i}"),
-            DType::F32,
-            &gs,
-            &ws,
-            1e-7,
-        );
-        for prune in [PruneType::Minor, PruneType::Principal] {
-            for r in [1, o.min(i) / 3, o.min(i) - 1] {
-                let a = g.pruned(m, &g.removal_order(prune, &target), r);
-                let w = want.pruned(m, &want.removal_order(prune, &target), r);
-                check(
-                    &format!("W' {o}x{i} {prune:?} rank {r}"),
-                    DType::F32,
-                    &a,
-                    &w,
-                    1e-6,
-                );
+    for eig in [EigPath::Sequential, EigPath::Streams, EigPath::Batched] {
+        let b = CudaBackend::with_options(0, CudaOptions { eig, ..b.options() }).unwrap();
+        let got = b.thin_svds(&args).unwrap();
+        for ((m, &(o, i)), g) in mats.iter().zip(&shapes).zip(&got) {
+            let want = Svd::new(m, o, i).unwrap();
+            assert_eq!((g.out_dim, g.in_dim, g.k()), (o, i, o.min(i)));
+            let (gs, ws): (Vec<f32>, Vec<f32>) =
+                g.s.iter()
+                    .zip(&want.s)
+                    .map(|(a, b)| (*a as f32, *b as f32))
+                    .unzip();
+            check(
+                &format!("{eig:?}: singular values {o}x{i}"),
+                DType::F32,
+                &gs,
+                &ws,
+                1e-7,
+            );
+            for prune in [PruneType::Minor, PruneType::Principal] {
+                for r in [1, o.min(i) / 3, o.min(i) - 1] {
+                    let a = g.pruned(m, &g.removal_order(prune, &target), r);
+                    let w = want.pruned(m, &want.removal_order(prune, &target), r);
+                    check(
+                        &format!("{eig:?}: W' {o}x{i} {prune:?} rank {r}"),
+                        DType::F32,
+                        &a,
+                        &w,
+                        1e-6,
+                    );
+                }
             }
         }
+        assert!(b.thin_svds(&[(&mats[0][1..], 67, 23)]).is_err());
     }
-    assert!(b.thin_svds(&[(&mats[0][1..], 67, 23)]).is_err());
 }
 
 /// HF transformers' own bf16 run against its float64 run on the fixture's inputs

@@ -304,6 +304,15 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    /// Whether the search runs a candidate's Linear with its own W' (made by
+    /// [`Backend::lowrank_weight`]) instead of the shared-product correction
+    /// `y0 − (x·V)[:, :rank]·SU[:rank]`. Default (the CPU): the correction, whose rank is below
+    /// the Linear's input width, so it is the less arithmetic. A device's tensor cores make the
+    /// full GEMM cheap and the correction's reading and writing of y0 the cost.
+    fn candidates_as_weights(&self) -> bool {
+        false
+    }
+
     /// Where the search computes its SVDs. Default (the CPU, whose cores the search itself
     /// uses): all up front.
     fn svd_schedule(&self) -> SvdSchedule {

@@ -253,6 +253,30 @@ impl<B: Backend> Clip<B> {
         })
     }
 
+    /// A search candidate's W' (bias unchanged) where the backend runs candidates that way
+    /// ([`Backend::candidates_as_weights`]); None for the shared-product correction.
+    fn candidate_weight(
+        &self,
+        base: &Linear<B::Weight>,
+        entry: Option<&LinearOverride<B>>,
+    ) -> Result<Option<B::Weight>> {
+        match entry {
+            Some(LinearOverride::Delta { vt, su, rank, .. })
+                if self.backend.candidates_as_weights() =>
+            {
+                self.backend.lowrank_weight(
+                    &base.weight,
+                    &vt.weight,
+                    su,
+                    *rank,
+                    base.out_dim,
+                    base.in_dim,
+                )
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// A Linear of `tower` (layer `layer`, or the projection for `W_p`), honouring overrides.
     fn target_linear(
         &self,
@@ -262,7 +286,14 @@ impl<B: Backend> Clip<B> {
         target: Target,
         ov: &Overrides<B>,
     ) -> Result<B::Tensor> {
-        match ov.get(&target) {
+        let entry = ov.get(&target);
+        if let Some(w) = self.candidate_weight(base, entry)? {
+            let b = base.bias.as_ref();
+            return self
+                .backend
+                .linear(x, rows, &w, b, base.out_dim, base.in_dim);
+        }
+        match entry {
             None => self.linear(x, rows, base),
             Some(LinearOverride::Weight(w)) => self.linear(x, rows, w),
             Some(LinearOverride::Delta {
@@ -293,23 +324,24 @@ impl<B: Backend> Clip<B> {
         target: Target,
         ov: &Overrides<B>,
     ) -> Result<()> {
-        let lin = match ov.get(&target) {
-            None => base,
-            Some(LinearOverride::Weight(w)) => w,
-            Some(LinearOverride::Delta { .. }) => {
+        let entry = ov.get(&target);
+        let candidate = self.candidate_weight(base, entry)?;
+        let weight = match (&candidate, entry) {
+            (Some(w), _) => w,
+            (None, None) => &base.weight,
+            (None, Some(LinearOverride::Weight(w))) => &w.weight,
+            (None, Some(LinearOverride::Delta { .. })) => {
                 let y = self.target_linear(x, rows, base, target, ov)?;
                 return self.backend.add_assign(h, &y);
             }
         };
-        self.backend.linear_add(
-            h,
-            x,
-            rows,
-            &lin.weight,
-            lin.bias.as_ref(),
-            lin.out_dim,
-            lin.in_dim,
-        )
+        // A materialised W' keeps the base bias, as does a candidate's.
+        let bias = match entry {
+            Some(LinearOverride::Weight(w)) => w.bias.as_ref(),
+            _ => base.bias.as_ref(),
+        };
+        self.backend
+            .linear_add(h, x, rows, weight, bias, base.out_dim, base.in_dim)
     }
 
     fn norm(

@@ -15,7 +15,9 @@ pub enum LinearOverride<'a, B: Backend> {
     Weight(&'a Linear<B::Weight>),
     /// `x·W'ᵀ + b = (x·Wᵀ + b) − (x·V)[:, :rank] · SU[:rank]`: `vt` holds the `kmax` removed
     /// right singular vectors as rows `[kmax, in]`, `su` the matching σᵢuᵢ `[kmax, out]`;
-    /// nested ratios use prefixes. `memo` keeps x·Wᵀ + b and x·V per call site.
+    /// nested ratios use prefixes. `memo` keeps x·Wᵀ + b and x·V per call site. A backend
+    /// whose [`Backend::candidates_as_weights`] is true runs x·W'ᵀ + b instead, W' made from
+    /// the same factors.
     Delta {
         vt: &'a Linear<B::Weight>,
         su: &'a B::Weight,

@@ -4,6 +4,7 @@
 use super::device::{Device, DeviceBuffer, IndexBuffer};
 use super::gemm::{Batched, Gemm, GemmPath};
 use super::kernels::{Arg, Kernels, Launch};
+use super::svd::EigPath;
 use super::DType;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::row_stats::{self, OodSums, RowStats};
@@ -52,18 +53,25 @@ pub struct CudaOptions {
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
     pub fused_residual: bool,
-    /// Where the search's SVDs run (`SETAR_CUDA_SVD=hybrid|device|host`): by default the
-    /// first target's by cuSOLVER in f64 (the first step needs it at once) and the rest on host
+    /// Where the search's SVDs run (`SETAR_CUDA_SVD=device|hybrid|host`): by default all by
+    /// cuSOLVER in f64 up front; `hybrid`: the first target's by cuSOLVER and the rest on host
     /// threads while the search evaluates on the device (faer in f64 as on the CPU,
-    /// `search/background.rs`); `device`: all by cuSOLVER up front; `host`: all on host
-    /// threads. On the H200 machine (run 4) cuSOLVER up front beat all-host when the host path
-    /// ran first in the process (8.03 s against 8.89 s: the first host SVD came 0.9 s late)
-    /// and tied when not (7.46 s against 7.42 s); the hybrid is there to drop both costs.
+    /// `search/background.rs`); `host`: all on host threads. Measured on the H200 machine
+    /// (BENCHMARKS.md, run 5a): up front 6.43 s, hybrid 6.58 s and 7.33 s, host 6.99 s. The
+    /// host SVDs take about a second to arrive, and while they run the search's own steps slow
+    /// down (step 1: 0.46 s against 0.25 s).
     pub svd: SvdSchedule,
     /// How the text tower groups prompts: by default few large batches, trading a little
     /// padding for launches (ImageNet's 1000 prompts: 2 batches of 9828 tokens in all against
     /// the CPU's 8 of 9168).
     pub prompt_buckets: BucketPlan,
+    /// How cuSOLVER's eigen-decompositions of the SVDs' Gram matrices share the device
+    /// (`SETAR_CUDA_EIG=seq|streams|batched`; svd.rs).
+    pub eig: EigPath,
+    /// Run a search candidate's Linear with its W' (one GEMM at the tensor cores' rate) rather
+    /// than as the shared-product correction, which reads and writes y0 and is memory-bound
+    /// (`SETAR_CUDA_CANDIDATES=weight|delta`; [`Backend::candidates_as_weights`]).
+    pub candidate_weights: bool,
 }
 
 /// The text batches' fixed cost in tokens for [`BucketPlan::Balanced`]: a layer of a batch is
@@ -93,19 +101,30 @@ impl CudaOptions {
             },
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
             svd: match std::env::var("SETAR_CUDA_SVD").as_deref() {
-                Ok("device") => SvdSchedule::UpFront,
+                Ok("hybrid") => SvdSchedule::FirstThenBackground,
                 Ok("host") => SvdSchedule::Background,
-                Ok(other) if other != "hybrid" => {
+                Ok(other) if other != "device" => {
                     eprintln!(
-                        "warning: SETAR_CUDA_SVD={other} is not hybrid, device or host; using hybrid"
+                        "warning: SETAR_CUDA_SVD={other} is not device, hybrid or host; using device"
                     );
-                    SvdSchedule::FirstThenBackground
+                    SvdSchedule::UpFront
                 }
-                _ => SvdSchedule::FirstThenBackground,
+                _ => SvdSchedule::UpFront,
             },
             prompt_buckets: BucketPlan::Balanced {
                 overhead_tokens: PROMPT_BATCH_OVERHEAD_TOKENS,
                 max_rows: 1024,
+            },
+            eig: EigPath::from_env(EigPath::Sequential),
+            candidate_weights: match std::env::var("SETAR_CUDA_CANDIDATES").as_deref() {
+                Ok("delta") => false,
+                Ok(other) if other != "weight" => {
+                    eprintln!(
+                        "warning: SETAR_CUDA_CANDIDATES={other} is not weight or delta; using weight"
+                    );
+                    true
+                }
+                _ => true,
             },
         }
     }
@@ -1782,10 +1801,14 @@ impl Backend for CudaBackend {
         self.opts.prompt_buckets
     }
 
+    fn candidates_as_weights(&self) -> bool {
+        self.opts.candidate_weights
+    }
+
     /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].
     fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
         let mut phases = super::svd::Phases::new(&self.dev, self.profile.is_some());
-        let svds = super::svd::thin_svds(&self.dev, mats, &mut phases)?;
+        let svds = super::svd::thin_svds(&self.dev, mats, self.opts.eig, &mut phases)?;
         self.after("SVD")?;
         if let Some(p) = &self.profile {
             let mut m = p.lock().unwrap_or_else(|e| e.into_inner());

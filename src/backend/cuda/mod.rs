@@ -26,6 +26,7 @@ pub mod svd;
 pub use backend::{AttentionPath, CudaBackend, CudaOptions, CudaTensor};
 pub use device::{Device, DeviceBuffer};
 pub use gemm::GemmPath;
+pub use svd::EigPath;
 
 use crate::error::{Error, Result};
 use std::fmt;

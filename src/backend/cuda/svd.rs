@@ -15,6 +15,7 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::cusolver::sys as solver_sys;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::ffi::c_void;
 use std::time::Instant;
 
 fn solver_err(what: &str, status: solver_sys::cusolverStatus_t) -> Error {
@@ -34,6 +35,70 @@ pub fn require_cusolver() -> Result<()> {
         Err(Error::invalid(
             "cuSOLVER missing (CUDA 13: libcusolver.so.12; put its folder on LD_LIBRARY_PATH)",
         ))
+    }
+}
+
+/// How the Gram matrices' eigen-decompositions run (`SETAR_CUDA_EIG`). Each is cuSOLVER in
+/// f64 on the same matrices; they differ in how the matrices of a group share the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EigPath {
+    /// `cusolverDnDsyevd`, one matrix after another on the device's stream (`seq`).
+    Sequential,
+    /// `cusolverDnDsyevd` on several streams at once, each driven by a host thread of its own
+    /// (`streams`): one 768² problem is a long chain of small, latency-bound steps that leave
+    /// most of the device idle, and cuSOLVER waits on the host inside each call.
+    Streams,
+    /// `cusolverDnXsyevBatched`, one call per group of equal shapes (`batched`).
+    Batched,
+}
+
+impl EigPath {
+    /// From `SETAR_CUDA_EIG` (`seq`, `streams`, `batched`); unset: `default`.
+    pub fn from_env(default: EigPath) -> EigPath {
+        match std::env::var("SETAR_CUDA_EIG").as_deref() {
+            Ok("seq") => EigPath::Sequential,
+            Ok("streams") => EigPath::Streams,
+            Ok("batched") => EigPath::Batched,
+            Ok(other) => {
+                eprintln!("warning: SETAR_CUDA_EIG={other} is not seq, streams or batched; using {default:?}");
+                default
+            }
+            Err(_) => default,
+        }
+    }
+}
+
+/// Streams (and host threads) of [`EigPath::Streams`] at most.
+const EIG_STREAMS: usize = 8;
+
+/// A cuSOLVER handle on a stream, destroyed on drop.
+struct Solver(solver_sys::cusolverDnHandle_t);
+
+impl Solver {
+    fn new(stream: &cudarc::driver::CudaStream) -> Result<Solver> {
+        require_cusolver()?;
+        let mut h = Solver(std::ptr::null_mut());
+        // SAFETY: an out-pointer into `h` (whose Drop frees it); the stream is live.
+        unsafe {
+            let s = solver_sys::cusolverDnCreate(&mut h.0);
+            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+                return Err(solver_err("create", s));
+            }
+            let s = solver_sys::cusolverDnSetStream(h.0, stream.cu_stream() as _);
+            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+                return Err(solver_err("set stream", s));
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Solver {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created in `new`, used by nothing else.
+            unsafe { solver_sys::cusolverDnDestroy(self.0) };
+        }
     }
 }
 
@@ -178,6 +243,7 @@ impl<'a> Phases<'a> {
 pub fn thin_svds(
     dev: &Device,
     mats: &[(&[f32], usize, usize)],
+    eig_path: EigPath,
     phases: &mut Phases,
 ) -> Result<Vec<Svd>> {
     for (i, (w, o, n)) in mats.iter().enumerate() {
@@ -197,7 +263,7 @@ pub fn thin_svds(
     }
     let mut out: Vec<Option<Svd>> = (0..mats.len()).map(|_| None).collect();
     for ((o, n), members) in groups {
-        let svds = group(dev, &h, mats, &members, o, n, phases)?;
+        let svds = group(dev, &h, mats, &members, (o, n), eig_path, phases)?;
         for (i, s) in members.into_iter().zip(svds) {
             out[i] = Some(s);
         }
@@ -211,8 +277,8 @@ fn group(
     h: &Handles,
     mats: &[(&[f32], usize, usize)],
     members: &[usize],
-    o: usize,
-    n: usize,
+    (o, n): (usize, usize),
+    eig_path: EigPath,
     phases: &mut Phases,
 ) -> Result<Vec<Svd>> {
     let b = members.len();
@@ -256,8 +322,14 @@ fn group(
     }
     phases.mark("svd: Gram DGEMM")?;
     let eig = dev.alloc_raw(b * k * 8)?;
-    syevd(dev, h, &gram, &eig, k, b)?;
-    phases.mark("svd: Dsyevd")?;
+    let info = dev.alloc_raw(b * 4)?;
+    match eig_path {
+        EigPath::Sequential => syevd(dev, h, &gram, &eig, &info, k, b)?,
+        EigPath::Streams => syevd_streams(dev, h, &gram, &eig, &info, k, b)?,
+        EigPath::Batched => syev_batched(dev, h, &gram, &eig, &info, k, b)?,
+    }
+    check_info(dev, &info, k, b)?;
+    phases.mark("svd: eigen-decomposition")?;
     // The other side times σ: W·Q (o × k, for Q = V) or Wᵀ·Q (n × k, for Q = U), column-major.
     let other_dim = if wide { n } else { o };
     let other = dev.alloc_raw(b * other_dim * k * 8)?;
@@ -329,26 +401,21 @@ fn group(
     Ok(svds)
 }
 
-/// In place, each of `batch` column-major `k × k` symmetric matrices → its eigenvectors
-/// (columns), eigenvalues ascending into `eig`.
-fn syevd(
-    dev: &Device,
-    h: &Handles,
+/// `cusolverDnDsyevd`'s device workspace for `k × k` matrices, in f64 elements.
+fn syevd_lwork(
+    h: solver_sys::cusolverDnHandle_t,
     gram: &IndexBuffer,
     eig: &IndexBuffer,
     k: usize,
-    batch: usize,
-) -> Result<()> {
+) -> Result<usize> {
     let n = int("k", k)?;
-    let jobz = solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
-    let uplo = solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
     let mut lwork = 0i32;
     // SAFETY: a size query on live buffers.
     let s = unsafe {
         solver_sys::cusolverDnDsyevd_bufferSize(
-            h.solver,
-            jobz,
-            uplo,
+            h,
+            solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
+            solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
             n,
             gram.ptr() as *const f64,
             n,
@@ -359,32 +426,209 @@ fn syevd(
     if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
         return Err(solver_err("Dsyevd buffer size", s));
     }
-    let work = dev.alloc_raw(lwork.max(1) as usize * 8)?;
-    let info = dev.alloc_raw(batch * 4)?;
+    Ok(lwork.max(1) as usize)
+}
+
+/// `cusolverDnDsyevd` on matrix `j` of `gram` (its eigenvalues into slot `j` of `eig`).
+#[allow(clippy::too_many_arguments)]
+fn syevd_one(
+    h: solver_sys::cusolverDnHandle_t,
+    gram: &IndexBuffer,
+    eig: &IndexBuffer,
+    info: &IndexBuffer,
+    work: &IndexBuffer,
+    lwork: usize,
+    k: usize,
+    j: usize,
+) -> Result<()> {
+    let n = int("k", k)?;
+    // SAFETY: matrix j, its eigenvalues and its info slot lie inside the buffers; the
+    // workspace holds `lwork` f64.
+    let s = unsafe {
+        solver_sys::cusolverDnDsyevd(
+            h,
+            solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
+            solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+            n,
+            (gram.ptr() + (j * k * k * 8) as u64) as *mut f64,
+            n,
+            (eig.ptr() + (j * k * 8) as u64) as *mut f64,
+            work.ptr() as *mut f64,
+            int("lwork", lwork)?,
+            (info.ptr() + (j * 4) as u64) as *mut i32,
+        )
+    };
+    if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        return Err(solver_err(&format!("Dsyevd {k}x{k}"), s));
+    }
+    Ok(())
+}
+
+/// In place, each of `batch` column-major `k × k` symmetric matrices → its eigenvectors
+/// (columns), eigenvalues ascending into `eig`, one after another on the device's stream.
+fn syevd(
+    dev: &Device,
+    h: &Handles,
+    gram: &IndexBuffer,
+    eig: &IndexBuffer,
+    info: &IndexBuffer,
+    k: usize,
+    batch: usize,
+) -> Result<()> {
+    let lwork = syevd_lwork(h.solver, gram, eig, k)?;
+    let work = dev.alloc_raw(lwork * 8)?;
     for j in 0..batch {
-        // SAFETY: matrix j, its eigenvalues and its info slot lie inside the buffers.
+        syevd_one(h.solver, gram, eig, info, &work, lwork, k, j)?;
+    }
+    Ok(())
+}
+
+/// As [`syevd`], the matrices spread over up to [`EIG_STREAMS`] streams, each driven by a
+/// host thread of its own. The buffers were made on the device's stream: each side stream
+/// first waits for everything queued there, and each thread synchronises its stream before
+/// it ends, so the device's stream may use (and free) them afterwards.
+fn syevd_streams(
+    dev: &Device,
+    h: &Handles,
+    gram: &IndexBuffer,
+    eig: &IndexBuffer,
+    info: &IndexBuffer,
+    k: usize,
+    batch: usize,
+) -> Result<()> {
+    let streams = batch.clamp(1, EIG_STREAMS);
+    let lwork = syevd_lwork(h.solver, gram, eig, k)?;
+    let works = (0..streams)
+        .map(|_| dev.alloc_raw(lwork * 8))
+        .collect::<Result<Vec<_>>>()?;
+    let ready = dev
+        .stream()
+        .record_event(None)
+        .map_err(|e| dev.err("event", e))?;
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = works
+            .iter()
+            .enumerate()
+            .map(|(si, work)| {
+                let ready = &ready;
+                scope.spawn(move || -> Result<()> {
+                    dev.bind()?;
+                    let stream = dev
+                        .stream()
+                        .context()
+                        .new_stream()
+                        .map_err(|e| dev.err("stream", e))?;
+                    stream.wait(ready).map_err(|e| dev.err("wait", e))?;
+                    let solver = Solver::new(&stream)?;
+                    let queued = (si..batch)
+                        .step_by(streams)
+                        .try_for_each(|j| syevd_one(solver.0, gram, eig, info, work, lwork, k, j));
+                    // Whatever happened, nothing may still run when the handle goes.
+                    let synced = stream.synchronize().map_err(|e| dev.err("synchronize", e));
+                    drop(solver);
+                    queued.and(synced)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(Error::invalid("an eigen-decomposition thread panicked"))
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// As [`syevd`], by one `cusolverDnXsyevBatched` call for the whole group.
+fn syev_batched(
+    dev: &Device,
+    h: &Handles,
+    gram: &IndexBuffer,
+    eig: &IndexBuffer,
+    info: &IndexBuffer,
+    k: usize,
+    batch: usize,
+) -> Result<()> {
+    use solver_sys::cudaDataType::CUDA_R_64F;
+    let jobz = solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
+    let uplo = solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+    let (n, nb) = (k as i64, batch as i64);
+    let mut params: solver_sys::cusolverDnParams_t = std::ptr::null_mut();
+    // SAFETY: an out-pointer; destroyed below on every path.
+    let s = unsafe { solver_sys::cusolverDnCreateParams(&mut params) };
+    if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        return Err(solver_err("params", s));
+    }
+    let run = || -> Result<()> {
+        let (mut dev_bytes, mut host_bytes) = (0usize, 0usize);
+        // SAFETY: a size query on live buffers.
         let s = unsafe {
-            solver_sys::cusolverDnDsyevd(
+            solver_sys::cusolverDnXsyevBatched_bufferSize(
                 h.solver,
+                params,
                 jobz,
                 uplo,
                 n,
-                (gram.ptr() + (j * k * k * 8) as u64) as *mut f64,
+                CUDA_R_64F,
+                gram.ptr() as *const c_void,
                 n,
-                (eig.ptr() + (j * k * 8) as u64) as *mut f64,
-                work.ptr() as *mut f64,
-                lwork,
-                (info.ptr() + (j * 4) as u64) as *mut i32,
+                CUDA_R_64F,
+                eig.ptr() as *const c_void,
+                CUDA_R_64F,
+                &mut dev_bytes,
+                &mut host_bytes,
+                nb,
             )
         };
         if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
-            return Err(solver_err(&format!("Dsyevd {k}x{k}"), s));
+            return Err(solver_err("XsyevBatched buffer size", s));
         }
-    }
-    let info: Vec<i32> = dev.download_raw(&info, batch)?;
+        let work = dev.alloc_raw(dev_bytes.max(1))?;
+        let mut host_work = vec![0u8; host_bytes.max(1)];
+        // SAFETY: the buffers hold `batch` matrices, eigenvalue vectors and info slots; the
+        // workspaces have the sizes cuSOLVER asked for.
+        let s = unsafe {
+            solver_sys::cusolverDnXsyevBatched(
+                h.solver,
+                params,
+                jobz,
+                uplo,
+                n,
+                CUDA_R_64F,
+                gram.ptr() as *mut c_void,
+                n,
+                CUDA_R_64F,
+                eig.ptr() as *mut c_void,
+                CUDA_R_64F,
+                work.ptr() as *mut c_void,
+                dev_bytes,
+                host_work.as_mut_ptr() as *mut c_void,
+                host_bytes,
+                info.ptr() as *mut i32,
+                nb,
+            )
+        };
+        if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+            return Err(solver_err(&format!("XsyevBatched {k}x{k} x{batch}"), s));
+        }
+        // The host workspace may be used until the call's work is done.
+        dev.synchronize()
+    };
+    let result = run();
+    // SAFETY: created above, destroyed once.
+    unsafe { solver_sys::cusolverDnDestroyParams(params) };
+    result
+}
+
+/// An error naming the first matrix whose eigen-decomposition did not converge.
+fn check_info(dev: &Device, info: &IndexBuffer, k: usize, batch: usize) -> Result<()> {
+    let info: Vec<i32> = dev.download_raw(info, batch)?;
     if let Some((j, i)) = info.iter().enumerate().find(|(_, &i)| i != 0) {
         return Err(Error::invalid(format!(
-            "cuSOLVER Dsyevd on matrix {j} of a {k}x{k} group: info {i} (did not converge)"
+            "cuSOLVER eigen-decomposition of matrix {j} of a {k}x{k} group: info {i} (did not converge)"
         )));
     }
     Ok(())

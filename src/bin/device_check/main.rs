@@ -47,7 +47,9 @@ mod search;
 mod check {
     use serde_json::{json, Value};
     use setar_engine::backend::cpu::CpuBackend;
-    use setar_engine::backend::cuda::{self, AttentionPath, CudaBackend, CudaOptions, DType};
+    use setar_engine::backend::cuda::{
+        self, AttentionPath, CudaBackend, CudaOptions, DType, EigPath,
+    };
     use setar_engine::backend::{relative_error, Backend, SvdSchedule};
     use setar_engine::config::ClipConfig;
     use setar_engine::model::clip::logits;
@@ -132,10 +134,13 @@ mod check {
     /// Backend variants: a dtype, optionally with `+unfused` / `+fused` (the attention path;
     /// by default the fused kernel where it passes its self-check), `+narrow` (the residual
     /// stream in the storage dtype), `+separate` (residual adds by a kernel, not in the
-    /// GEMMs), `+devsvd` (the search's SVDs all by cuSOLVER up front), `+hostsvd` (all on
-    /// host threads beside the search), `+hybridsvd` (the first by cuSOLVER, the rest on host
-    /// threads: the default), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
-    /// the device's few large ones), e.g. `bf16+unfused`.
+    /// GEMMs), `+devsvd` (the search's SVDs all by cuSOLVER up front: the default), `+hostsvd`
+    /// (all on host threads beside the search), `+hybridsvd` (the first by cuSOLVER, the rest
+    /// on host threads), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
+    /// the device's few large ones), `+eigseq` / `+eigstreams` / `+eigbatched` (how cuSOLVER's
+    /// eigen-decompositions run: one after another, on several streams, one batched call),
+    /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
+    /// e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -149,6 +154,10 @@ mod check {
                 "devsvd" => o.svd = SvdSchedule::UpFront,
                 "hostsvd" => o.svd = SvdSchedule::Background,
                 "hybridsvd" => o.svd = SvdSchedule::FirstThenBackground,
+                "deltacand" => o.candidate_weights = false,
+                "eigseq" => o.eig = EigPath::Sequential,
+                "eigstreams" => o.eig = EigPath::Streams,
+                "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
                     o.prompt_buckets = BucketPlan::Fixed {
                         rows: PROMPT_BUCKET,
@@ -529,8 +538,16 @@ mod check {
                 super::search::time_scoring(&model, &data, args.score_images, 500)
                     .unwrap_or_else(|e| json!({ "error": e.to_string() })),
             );
+            // Once, for the first variant: the SVDs by each eigen path, and where a vision and
+            // a text step spend their time.
+            if out.is_empty() {
+                r.insert(
+                    "svd_paths".into(),
+                    super::search::time_svd_paths(&model, &weights, &cfg)
+                        .unwrap_or_else(|e| json!({ "error": e.to_string() })),
+                );
+            }
             drop(model);
-            // Once, for the first variant: where a vision and a text step spend their time.
             if out.is_empty() {
                 let opts = CudaOptions {
                     profile: true,

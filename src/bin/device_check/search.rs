@@ -10,7 +10,7 @@
 //! which runs the same search the reference's way on the same inputs.
 
 use serde_json::{json, Value};
-use setar_engine::backend::cuda::CudaBackend;
+use setar_engine::backend::cuda::{svd, CudaBackend, EigPath};
 use setar_engine::backend::{Backend, SvdSchedule};
 use setar_engine::data::LabelSet;
 use setar_engine::loss::{Averaging, LocoopConfig, LocoopPreset};
@@ -289,6 +289,52 @@ pub fn time_scoring(
         total as f64 / s
     );
     Ok(json!({"images": total, "chunk": chunk, "seconds": s, "img_per_s": total as f64 / s}))
+}
+
+/// The plan's SVDs (24 for ViT-B/16 over `mlp.fc1`) by each way of running cuSOLVER's
+/// eigen-decompositions: seconds for all of them, after one warm-up call, median of 3.
+pub fn time_svd_paths(
+    model: &Clip<CudaBackend>,
+    weights: &WeightsFile,
+    cfg: &SearchConfig,
+) -> Result<Value> {
+    let dev = model.backend.device();
+    let mut mats = Vec::new();
+    for t in search_plan(model, cfg)? {
+        let name = format!("{}.weight", t.module());
+        let shape = weights.shape(&name)?.to_vec();
+        let [o, i] = shape[..] else {
+            return Err(Error::invalid(format!("{name} is not a matrix")));
+        };
+        mats.push((weights.f32(&name, &shape)?.to_vec(), o, i));
+    }
+    let args: Vec<(&[f32], usize, usize)> = mats
+        .iter()
+        .map(|(w, o, i)| (w.as_slice(), *o, *i))
+        .collect();
+    let mut out = serde_json::Map::new();
+    for (name, path) in [
+        ("seq", EigPath::Sequential),
+        ("streams", EigPath::Streams),
+        ("batched", EigPath::Batched),
+    ] {
+        let run = || -> Result<f64> {
+            let t = Instant::now();
+            svd::thin_svds(dev, &args, path, &mut svd::Phases::new(dev, false))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let timed = run().and_then(|_| (0..3).map(|_| run()).collect::<Result<Vec<f64>>>());
+        let v = match timed {
+            Ok(mut reps) => {
+                reps.sort_by(f64::total_cmp);
+                json!({"seconds": reps[1], "reps": reps})
+            }
+            Err(e) => json!({"error": e.to_string()}),
+        };
+        eprintln!("  the {} SVDs, eigen path {name}: {v}", args.len());
+        out.insert(name.into(), v);
+    }
+    Ok(Value::Object(out))
 }
 
 /// Where the time goes, op by op, on a backend built with `profile` (each op synchronised:
