@@ -42,7 +42,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+deltacand,bf16+eigbatched,bf16+eigstreams}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+eigseq,bf16+deltacand}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}
@@ -210,6 +210,9 @@ for d, r in search.items():
     L.append(f"- setar-engine {d}: {s['seconds']:.2f} s for {s['images']} images x {s['classes']} classes "
              f"({s['candidates_evaluated']} candidates evaluated; the 24 SVDs {s['svd_seconds']:.2f} s of it, {s.get('svd_path', '?')}), "
              f"peak device memory {s['peak_device_memory_bytes'] / 2**30:.2f} GiB")
+    if len(s.get("seconds_each", [])) > 1:
+        L.append(f"- {d}: {len(s['seconds_each'])} searches in this process, the median above; each: "
+                 + ", ".join(f"{a:.2f} s (SVDs {b:.2f} s)" for a, b in zip(s["seconds_each"], s.get("svd_seconds_each", []))))
     st_s = s.get("step_seconds", [])
     if len(st_s) == 24:  # visual_text: the 12 vision steps, then the 12 text steps
         L.append(f"- {d}: vision steps {sum(st_s[:12]):.2f} s, text steps {sum(st_s[12:]):.2f} s "

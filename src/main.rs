@@ -330,6 +330,8 @@ fn run_search<B: Backend>(
     progress: Progress,
 ) -> Result<SettingsFile> {
     let start = Instant::now();
+    // The device's solver loads while the images are read.
+    l.model.backend.warm_up_svds();
     let data = jobs::search_data(&l.model, &l.tokenizer, id_val, labels, progress)?;
     let mut cfg = cfg.clone();
     if let Some(budget) = l.model.backend.memory_budget() {

@@ -319,6 +319,10 @@ pub trait Backend: Send + Sync {
         SvdSchedule::UpFront
     }
 
+    /// A hint that SVDs are coming (a search): a device may load its solver now, beside the
+    /// caller's other work, rather than inside the first [`Backend::thin_svds`]. Default: nothing.
+    fn warm_up_svds(&self) {}
+
     /// Thin SVDs of row-major `[out, in]` weights, as [`Svd::new`] computes them. Default: faer
     /// on the CPU, the matrices in parallel.
     fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {

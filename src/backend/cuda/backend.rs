@@ -66,7 +66,9 @@ pub struct CudaOptions {
     /// the CPU's 8 of 9168).
     pub prompt_buckets: BucketPlan,
     /// How cuSOLVER's eigen-decompositions of the SVDs' Gram matrices share the device
-    /// (`SETAR_CUDA_EIG=seq|streams|batched`; svd.rs).
+    /// (`SETAR_CUDA_EIG=batched|seq|streams`; svd.rs). Batched by default: the 24 SVDs of a
+    /// ViT-B/16 search took 0.32 s that way against 0.38 s one after another and 0.38 s on 8
+    /// streams (H200, BENCHMARKS.md run 5b, medians of 3).
     pub eig: EigPath,
     /// Run a search candidate's Linear with its W' (one GEMM at the tensor cores' rate) rather
     /// than as the shared-product correction, which reads and writes y0 and is memory-bound
@@ -115,7 +117,7 @@ impl CudaOptions {
                 overhead_tokens: PROMPT_BATCH_OVERHEAD_TOKENS,
                 max_rows: 1024,
             },
-            eig: EigPath::from_env(EigPath::Sequential),
+            eig: EigPath::from_env(EigPath::Batched),
             candidate_weights: match std::env::var("SETAR_CUDA_CANDIDATES").as_deref() {
                 Ok("delta") => false,
                 Ok(other) if other != "weight" => {
@@ -242,6 +244,8 @@ pub struct CudaBackend {
     /// self-check), and why not when `Auto` fell back.
     fused_attention: bool,
     attention_note: Option<String>,
+    /// The SVDs' warm-up thread ([`Backend::warm_up_svds`]), joined before the first SVDs.
+    svd_warm_up: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl CudaBackend {
@@ -267,6 +271,7 @@ impl CudaBackend {
                 profile: opts.profile.then(Default::default),
                 fused_attention: false,
                 attention_note: None,
+                svd_warm_up: Mutex::new(None),
             };
             backend.self_check()?;
             if opts.attention != AttentionPath::Unfused && opts.dtype != DType::F32 {
@@ -1805,8 +1810,24 @@ impl Backend for CudaBackend {
         self.opts.candidate_weights
     }
 
+    fn warm_up_svds(&self) {
+        let mut slot = self.svd_warm_up.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(super::svd::start_warm_up(&self.dev, self.opts.eig));
+        }
+    }
+
     /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].
     fn thin_svds(&self, mats: &[(&[f32], usize, usize)]) -> Result<Vec<Svd>> {
+        // A warm-up still running would only compete with these; it cannot fail them.
+        let warm_up = self
+            .svd_warm_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = warm_up {
+            let _ = t.join();
+        }
         let mut phases = super::svd::Phases::new(&self.dev, self.profile.is_some());
         let svds = super::svd::thin_svds(&self.dev, mats, self.opts.eig, &mut phases)?;
         self.after("SVD")?;

@@ -175,6 +175,23 @@ impl Device {
         })
     }
 
+    /// The same device and memory budget with a stream (and staging buffer) of its own: work
+    /// queued on it runs beside this one's. Buffers made on either belong to that stream; the
+    /// caller orders any sharing between the two.
+    pub fn with_new_stream(&self) -> Result<Device> {
+        let stream = self.ctx.new_stream().map_err(|e| self.err("stream", e))?;
+        Ok(Device {
+            ctx: self.ctx.clone(),
+            stream,
+            ordinal: self.ordinal,
+            name: self.name.clone(),
+            arch: self.arch,
+            poison: self.poison,
+            budget: self.budget.clone(),
+            staging: Mutex::new(None),
+        })
+    }
+
     /// Runs `f` on the first `bytes` of the staging buffer; `None` for small copies or when
     /// page-locked memory cannot be had (the caller then copies from pageable memory).
     fn staged<R>(&self, bytes: usize, f: impl FnOnce(&mut [u8]) -> Result<R>) -> Result<Option<R>> {

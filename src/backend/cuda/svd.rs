@@ -208,6 +208,42 @@ fn dgemm(
     Ok(())
 }
 
+/// Runs [`thin_svds`] once on two small square matrices (the Gram sizes of ViT-B/16's
+/// `mlp.fc1` targets), on a stream and a host thread of their own, and returns at once: the
+/// cuSOLVER library and the kernels of the f64 GEMMs and of the eigen path are brought into
+/// the context while the caller loads the model and reads the images, not inside the search.
+/// Best effort: a failure here is dropped (the search's own calls report theirs).
+pub fn start_warm_up(dev: &Device, eig_path: EigPath) -> std::thread::JoinHandle<()> {
+    let side = dev.with_new_stream();
+    std::thread::spawn(move || {
+        let Ok(side) = side else { return };
+        if side.bind().is_err() {
+            return;
+        }
+        let mats: Vec<(Vec<f32>, usize)> = [768usize, 512]
+            .iter()
+            .map(|&n| {
+                // Symmetric and well conditioned: 2 on the diagonal, small values elsewhere.
+                let m = (0..n * n)
+                    .map(|i| {
+                        let (r, c) = (i / n, i % n);
+                        if r == c {
+                            2.0
+                        } else {
+                            ((r + c) % 7) as f32 * 1e-3
+                        }
+                    })
+                    .collect();
+                (m, n)
+            })
+            .collect();
+        let args: Vec<(&[f32], usize, usize)> =
+            mats.iter().map(|(m, n)| (m.as_slice(), *n, *n)).collect();
+        let _ = thin_svds(&side, &args, eig_path, &mut Phases::new(&side, false));
+        let _ = side.synchronize();
+    })
+}
+
 /// Wall time per phase of [`thin_svds`], the device synchronised at each boundary; off (no
 /// synchronisation, nothing kept) unless profiling.
 pub struct Phases<'a> {
