@@ -17,8 +17,8 @@
 # passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
 # a kernel, not in the GEMMs), +devsvd / +hostsvd / +hybridsvd (the search's SVDs all by
 # cuSOLVER up front, the default / all on host threads beside it / the first by cuSOLVER and
-# the rest on host threads), +eigseq / +eigstreams / +eigbatched (cuSOLVER's eigen-
-# decompositions one after another / on several streams / in one batched call), +deltacand
+# the rest on host threads), +eigseq / +eigbatched (cuSOLVER's eigen-decompositions one
+# after another / in one batched call, the default), +deltacand
 # (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +rowbuckets
 # (text batches of 128 prompts, the CPU's, instead of the device's few large ones)),
 # SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.

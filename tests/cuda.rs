@@ -1142,7 +1142,7 @@ fn lowrank_weight_matches_host_pruning() {
 }
 
 /// The cuSOLVER SVDs (tall, wide and square; two of one shape share a batch, and nine of
-/// another, more than the eigen-decomposition's streams) against faer's, by every eigen path:
+/// another) against faer's, by every eigen path:
 /// singular values, and W' for several ranks (which does not depend on signs or on the
 /// basis chosen inside repeated singular values).
 #[test]
@@ -1168,7 +1168,7 @@ fn cusolver_svds_match_faer() {
         weight: WeightType::Down,
         layer: Some(1),
     };
-    for eig in [EigPath::Sequential, EigPath::Streams, EigPath::Batched] {
+    for eig in [EigPath::Sequential, EigPath::Batched] {
         let b = CudaBackend::with_options(0, CudaOptions { eig, ..b.options() }).unwrap();
         let got = b.thin_svds(&args).unwrap();
         for ((m, &(o, i)), g) in mats.iter().zip(&shapes).zip(&got) {

@@ -66,9 +66,9 @@ pub struct CudaOptions {
     /// the CPU's 8 of 9168).
     pub prompt_buckets: BucketPlan,
     /// How cuSOLVER's eigen-decompositions of the SVDs' Gram matrices share the device
-    /// (`SETAR_CUDA_EIG=batched|seq|streams`; svd.rs). Batched by default: the 24 SVDs of a
-    /// ViT-B/16 search took 0.32 s that way against 0.38 s one after another and 0.38 s on 8
-    /// streams (H200, BENCHMARKS.md run 5b, medians of 3).
+    /// (`SETAR_CUDA_EIG=batched|seq`; svd.rs). Batched by default: the 24 SVDs of a ViT-B/16
+    /// search took 0.32 s and 0.23 s that way against 0.38 s and 0.31 s one after another
+    /// (H200, BENCHMARKS.md runs 5b and 5c, medians of 3).
     pub eig: EigPath,
     /// Run a search candidate's Linear with its W' (one GEMM at the tensor cores' rate) rather
     /// than as the shared-product correction, which reads and writes y0 and is memory-bound

@@ -2,8 +2,8 @@
 //!
 //! For W `[out, in]` with k = min(out, in): the Gram matrix of the short side (G = WᵀW when
 //! in ≤ out, else WWᵀ; k × k) by one strided-batched DGEMM per group of equal shapes, its
-//! eigen-decomposition by `cusolverDnDsyevd` (G = Q Λ Qᵀ, so Q holds the singular vectors of
-//! that side and σ = √λ), and the other side's vectors times σ by one more DGEMM (W·vᵢ = σᵢuᵢ,
+//! eigen-decomposition by one `cusolverDnXsyevBatched` per group (or `cusolverDnDsyevd` per
+//! matrix; [`EigPath`]) (G = Q Λ Qᵀ, so Q holds the singular vectors of that side and σ = √λ), and the other side's vectors times σ by one more DGEMM (W·vᵢ = σᵢuᵢ,
 //! Wᵀ·uᵢ = σᵢvᵢ). The search only ever uses σᵢuᵢ and vᵢ together (W' = W − Σ σᵢuᵢvᵢᵀ), and
 //! σᵢuᵢ = W·vᵢ is exact whatever the accuracy of a tiny σᵢ; in f64 the squared condition
 //! number costs nothing measurable on CLIP's weights (tests/cuda.rs compares with faer).
@@ -44,60 +44,23 @@ pub fn require_cusolver() -> Result<()> {
 pub enum EigPath {
     /// `cusolverDnDsyevd`, one matrix after another on the device's stream (`seq`).
     Sequential,
-    /// `cusolverDnDsyevd` on several streams at once, each driven by a host thread of its own
-    /// (`streams`): one 768² problem is a long chain of small, latency-bound steps that leave
-    /// most of the device idle, and cuSOLVER waits on the host inside each call.
-    Streams,
     /// `cusolverDnXsyevBatched`, one call per group of equal shapes (`batched`).
     Batched,
 }
 
 impl EigPath {
-    /// From `SETAR_CUDA_EIG` (`seq`, `streams`, `batched`); unset: `default`.
+    /// From `SETAR_CUDA_EIG` (`seq`, `batched`); unset: `default`.
     pub fn from_env(default: EigPath) -> EigPath {
         match std::env::var("SETAR_CUDA_EIG").as_deref() {
             Ok("seq") => EigPath::Sequential,
-            Ok("streams") => EigPath::Streams,
             Ok("batched") => EigPath::Batched,
             Ok(other) => {
-                eprintln!("warning: SETAR_CUDA_EIG={other} is not seq, streams or batched; using {default:?}");
+                eprintln!(
+                    "warning: SETAR_CUDA_EIG={other} is not seq or batched; using {default:?}"
+                );
                 default
             }
             Err(_) => default,
-        }
-    }
-}
-
-/// Streams (and host threads) of [`EigPath::Streams`] at most.
-const EIG_STREAMS: usize = 8;
-
-/// A cuSOLVER handle on a stream, destroyed on drop.
-struct Solver(solver_sys::cusolverDnHandle_t);
-
-impl Solver {
-    fn new(stream: &cudarc::driver::CudaStream) -> Result<Solver> {
-        require_cusolver()?;
-        let mut h = Solver(std::ptr::null_mut());
-        // SAFETY: an out-pointer into `h` (whose Drop frees it); the stream is live.
-        unsafe {
-            let s = solver_sys::cusolverDnCreate(&mut h.0);
-            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
-                return Err(solver_err("create", s));
-            }
-            let s = solver_sys::cusolverDnSetStream(h.0, stream.cu_stream() as _);
-            if s != solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
-                return Err(solver_err("set stream", s));
-            }
-        }
-        Ok(h)
-    }
-}
-
-impl Drop for Solver {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: created in `new`, used by nothing else.
-            unsafe { solver_sys::cusolverDnDestroy(self.0) };
         }
     }
 }
@@ -361,7 +324,6 @@ fn group(
     let info = dev.alloc_raw(b * 4)?;
     match eig_path {
         EigPath::Sequential => syevd(dev, h, &gram, &eig, &info, k, b)?,
-        EigPath::Streams => syevd_streams(dev, h, &gram, &eig, &info, k, b)?,
         EigPath::Batched => syev_batched(dev, h, &gram, &eig, &info, k, b)?,
     }
     check_info(dev, &info, k, b)?;
@@ -517,65 +479,6 @@ fn syevd(
         syevd_one(h.solver, gram, eig, info, &work, lwork, k, j)?;
     }
     Ok(())
-}
-
-/// As [`syevd`], the matrices spread over up to [`EIG_STREAMS`] streams, each driven by a
-/// host thread of its own. The buffers were made on the device's stream: each side stream
-/// first waits for everything queued there, and each thread synchronises its stream before
-/// it ends, so the device's stream may use (and free) them afterwards.
-fn syevd_streams(
-    dev: &Device,
-    h: &Handles,
-    gram: &IndexBuffer,
-    eig: &IndexBuffer,
-    info: &IndexBuffer,
-    k: usize,
-    batch: usize,
-) -> Result<()> {
-    let streams = batch.clamp(1, EIG_STREAMS);
-    let lwork = syevd_lwork(h.solver, gram, eig, k)?;
-    let works = (0..streams)
-        .map(|_| dev.alloc_raw(lwork * 8))
-        .collect::<Result<Vec<_>>>()?;
-    let ready = dev
-        .stream()
-        .record_event(None)
-        .map_err(|e| dev.err("event", e))?;
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = works
-            .iter()
-            .enumerate()
-            .map(|(si, work)| {
-                let ready = &ready;
-                scope.spawn(move || -> Result<()> {
-                    dev.bind()?;
-                    let stream = dev
-                        .stream()
-                        .context()
-                        .new_stream()
-                        .map_err(|e| dev.err("stream", e))?;
-                    stream.wait(ready).map_err(|e| dev.err("wait", e))?;
-                    let solver = Solver::new(&stream)?;
-                    let queued = (si..batch)
-                        .step_by(streams)
-                        .try_for_each(|j| syevd_one(solver.0, gram, eig, info, work, lwork, k, j));
-                    // Whatever happened, nothing may still run when the handle goes.
-                    let synced = stream.synchronize().map_err(|e| dev.err("synchronize", e));
-                    drop(solver);
-                    queued.and(synced)
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| {
-                t.join().unwrap_or_else(|_| {
-                    Err(Error::invalid("an eigen-decomposition thread panicked"))
-                })
-            })
-            .collect()
-    });
-    results.into_iter().collect()
 }
 
 /// As [`syevd`], by one `cusolverDnXsyevBatched` call for the whole group.

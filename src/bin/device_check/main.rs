@@ -141,8 +141,8 @@ mod check {
     /// GEMMs), `+devsvd` (the search's SVDs all by cuSOLVER up front: the default), `+hostsvd`
     /// (all on host threads beside the search), `+hybridsvd` (the first by cuSOLVER, the rest
     /// on host threads), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
-    /// the device's few large ones), `+eigseq` / `+eigstreams` / `+eigbatched` (how cuSOLVER's
-    /// eigen-decompositions run: one after another, on several streams, one batched call),
+    /// the device's few large ones), `+eigseq` / `+eigbatched` (how cuSOLVER's
+    /// eigen-decompositions run: one after another, or one batched call),
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
     /// e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
@@ -160,7 +160,6 @@ mod check {
                 "hybridsvd" => o.svd = SvdSchedule::FirstThenBackground,
                 "deltacand" => o.candidate_weights = false,
                 "eigseq" => o.eig = EigPath::Sequential,
-                "eigstreams" => o.eig = EigPath::Streams,
                 "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
                     o.prompt_buckets = BucketPlan::Fixed {

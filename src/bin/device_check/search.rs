@@ -313,11 +313,7 @@ pub fn time_svd_paths(
         .map(|(w, o, i)| (w.as_slice(), *o, *i))
         .collect();
     let mut out = serde_json::Map::new();
-    for (name, path) in [
-        ("seq", EigPath::Sequential),
-        ("streams", EigPath::Streams),
-        ("batched", EigPath::Batched),
-    ] {
+    for (name, path) in [("seq", EigPath::Sequential), ("batched", EigPath::Batched)] {
         let run = || -> Result<f64> {
             let t = Instant::now();
             svd::thin_svds(dev, &args, path, &mut svd::Phases::new(dev, false))?;
