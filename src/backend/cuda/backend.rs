@@ -90,46 +90,56 @@ impl CudaOptions {
             max_memory: None,
             profile: std::env::var("SETAR_CUDA_PROFILE").is_ok_and(|v| v == "1"),
             wide_residual: !std::env::var("SETAR_CUDA_NARROW_RESIDUAL").is_ok_and(|v| v == "1"),
-            attention: match std::env::var("SETAR_CUDA_ATTENTION").as_deref() {
-                Ok("fused") => AttentionPath::Fused,
-                Ok("unfused") => AttentionPath::Unfused,
-                Ok(other) if other != "auto" => {
-                    eprintln!(
-                        "warning: SETAR_CUDA_ATTENTION={other} is not auto, fused or unfused; using auto"
-                    );
-                    AttentionPath::Auto
-                }
-                _ => AttentionPath::Auto,
-            },
+            attention: env_choice(
+                "SETAR_CUDA_ATTENTION",
+                &[
+                    ("auto", AttentionPath::Auto),
+                    ("fused", AttentionPath::Fused),
+                    ("unfused", AttentionPath::Unfused),
+                ],
+            ),
             fused_residual: !std::env::var("SETAR_CUDA_SEPARATE_RESIDUAL").is_ok_and(|v| v == "1"),
-            svd: match std::env::var("SETAR_CUDA_SVD").as_deref() {
-                Ok("hybrid") => SvdSchedule::FirstThenBackground,
-                Ok("host") => SvdSchedule::Background,
-                Ok(other) if other != "device" => {
-                    eprintln!(
-                        "warning: SETAR_CUDA_SVD={other} is not device, hybrid or host; using device"
-                    );
-                    SvdSchedule::UpFront
-                }
-                _ => SvdSchedule::UpFront,
-            },
+            svd: env_choice(
+                "SETAR_CUDA_SVD",
+                &[
+                    ("device", SvdSchedule::UpFront),
+                    ("hybrid", SvdSchedule::FirstThenBackground),
+                    ("host", SvdSchedule::Background),
+                ],
+            ),
             prompt_buckets: BucketPlan::Balanced {
                 overhead_tokens: PROMPT_BATCH_OVERHEAD_TOKENS,
                 max_rows: 1024,
             },
-            eig: EigPath::from_env(EigPath::Batched),
-            candidate_weights: match std::env::var("SETAR_CUDA_CANDIDATES").as_deref() {
-                Ok("delta") => false,
-                Ok(other) if other != "weight" => {
-                    eprintln!(
-                        "warning: SETAR_CUDA_CANDIDATES={other} is not weight or delta; using weight"
-                    );
-                    true
-                }
-                _ => true,
-            },
+            eig: env_choice(
+                "SETAR_CUDA_EIG",
+                &[("batched", EigPath::Batched), ("seq", EigPath::Sequential)],
+            ),
+            candidate_weights: env_choice(
+                "SETAR_CUDA_CANDIDATES",
+                &[("weight", true), ("delta", false)],
+            ),
         }
     }
+}
+
+/// The value of environment variable `var` among `choices` (name, value); unset: the first.
+/// An unknown name is warned about and gives the first too.
+fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> T {
+    let default = choices[0].1;
+    let Ok(set) = std::env::var(var) else {
+        return default;
+    };
+    if let Some(&(_, v)) = choices.iter().find(|(name, _)| *name == set) {
+        return v;
+    }
+    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+    eprintln!(
+        "warning: {var}={set} is not one of {}; using {}",
+        names.join(", "),
+        choices[0].0
+    );
+    default
 }
 
 /// The attention of [`CudaOptions::attention`].

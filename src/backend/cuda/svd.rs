@@ -48,23 +48,6 @@ pub enum EigPath {
     Batched,
 }
 
-impl EigPath {
-    /// From `SETAR_CUDA_EIG` (`seq`, `batched`); unset: `default`.
-    pub fn from_env(default: EigPath) -> EigPath {
-        match std::env::var("SETAR_CUDA_EIG").as_deref() {
-            Ok("seq") => EigPath::Sequential,
-            Ok("batched") => EigPath::Batched,
-            Ok(other) => {
-                eprintln!(
-                    "warning: SETAR_CUDA_EIG={other} is not seq or batched; using {default:?}"
-                );
-                default
-            }
-            Err(_) => default,
-        }
-    }
-}
-
 /// cuBLAS and cuSOLVER handles on the device's stream, destroyed on drop.
 struct Handles {
     blas: blas_sys::cublasHandle_t,
