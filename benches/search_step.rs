@@ -5,6 +5,8 @@
 //! content), prompts for all 1,000 ImageNet classes, and times one search step — all candidate
 //! ratios of one target — for several targets, the cached way and the naive (reference) way.
 //! Prints a JSON object; `scripts/bench-search.sh` turns it into the BENCHMARKS.md table.
+//! `SETAR_BENCH_TOWERS=text|vision` times one tower's targets only; `SETAR_BENCH_TEXT_STACK=0`
+//! runs a text step's candidates one after another instead of stacked.
 
 use setar_engine::backend::cpu::CpuBackend;
 use setar_engine::backend::Backend;
@@ -102,6 +104,13 @@ fn main() {
         (Tower::Text, 0, false),
     ]
     .iter()
+    .filter(
+        |&&(tower, _, _)| match std::env::var("SETAR_BENCH_TOWERS").as_deref() {
+            Ok("text") => tower == Tower::Text,
+            Ok("vision") => tower == Tower::Visual,
+            _ => true,
+        },
+    )
     .map(|&(tower, layer, naive)| {
         (
             Target {
@@ -118,6 +127,9 @@ fn main() {
     let bar = indicatif::ProgressBar::hidden();
     for (target, with_naive) in targets {
         let mut engine = Engine::new(&model, &weights, &data, &cfg);
+        if std::env::var("SETAR_BENCH_TEXT_STACK").is_ok_and(|v| v == "0") {
+            engine.set_text_stacking(false);
+        }
         let k = engine.prepare(target).unwrap().k();
         // A step evaluates ratios 0.05 … 0.40 (ratio 0 is the carried best after step 0).
         let ranks: Vec<usize> = ratios[1..]

@@ -19,7 +19,8 @@
 # cuSOLVER up front, the default / all on host threads beside it / the first by cuSOLVER and
 # the rest on host threads), +eigseq / +eigbatched (cuSOLVER's eigen-decompositions one
 # after another / in one batched call, the default), +deltacand
-# (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +rowbuckets
+# (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +nostack
+# (a text step's candidates one after another, not stacked in one batch), +rowbuckets
 # (text batches of 128 prompts, the CPU's, instead of the device's few large ones)),
 # SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
@@ -42,7 +43,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+eigseq,bf16+deltacand}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+deltacand}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}

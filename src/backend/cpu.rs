@@ -422,6 +422,10 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn concat_rows(&self, parts: &[Vec<f32>]) -> Result<Vec<f32>> {
+        Ok(parts.concat())
+    }
+
     fn l2_normalize(&self, x: &mut Vec<f32>, dim: usize) -> Result<()> {
         crate::model::clip::l2_normalize_rows(x, dim);
         Ok(())

@@ -230,6 +230,15 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
     /// Rows `rows` of `x[_, dim]`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, dim: usize, rows: &[usize]) -> Result<Self::Tensor>;
+    /// The rows of `parts`, one after another, in one tensor (same dtype for all). Default:
+    /// through the host.
+    fn concat_rows(&self, parts: &[Self::Tensor]) -> Result<Self::Tensor> {
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend(self.to_vec(p)?);
+        }
+        self.tensor(all)
+    }
 
     /// L2-normalises each row of `x[_, dim]` in place. Default: on the host.
     fn l2_normalize(&self, x: &mut Self::Tensor, dim: usize) -> Result<()> {
@@ -311,6 +320,13 @@ pub trait Backend: Send + Sync {
     /// full GEMM cheap and the correction's reading and writing of y0 the cost.
     fn candidates_as_weights(&self) -> bool {
         false
+    }
+
+    /// Whether a text step runs its candidates stacked into one batch through the layers
+    /// above the target (each candidate's target layer runs alone): the same values with a
+    /// fraction of the launches. Default: yes.
+    fn stack_text_candidates(&self) -> bool {
+        true
     }
 
     /// Where the search computes its SVDs. Default (the CPU, whose cores the search itself

@@ -98,6 +98,9 @@ pub struct Engine<'a, B: Backend> {
     /// The vision layers whose entering states `vision_states` keeps besides layer 0: the
     /// checkpoints, unless they do not fit the backend's memory budget beside a chunk.
     checkpoints: Vec<usize>,
+    /// Whether a text step stacks its candidates through the layers above the target
+    /// ([`Backend::stack_text_candidates`]; see `memory::text_stack` for how many at a time).
+    text_stacking: bool,
 }
 
 fn owned(v: Vec<f32>) -> F32Data {
@@ -125,6 +128,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             vision_version: 0,
             vision_states: RefCell::new(Vec::new()),
             svd_schedule: model.backend.svd_schedule(),
+            text_stacking: model.backend.stack_text_candidates(),
             background: None,
             checkpoints: {
                 let b = &model.backend;
@@ -155,6 +159,33 @@ impl<'a, B: Backend> Engine<'a, B> {
         } else {
             Vec::new()
         };
+    }
+
+    /// Stacks a text step's candidates in one batch above the target (the backend's choice by
+    /// default) or runs them one after another. Either gives the same values.
+    pub fn set_text_stacking(&mut self, on: bool) {
+        self.text_stacking = on;
+    }
+
+    /// How many candidates of a text step run stacked (`memory::text_stack`): as many as the
+    /// activations of a vision chunk would hold, judged by the largest prompt batch.
+    fn text_stack(&self, candidates: usize) -> usize {
+        let (tokens, seq) = self
+            .data
+            .prompts
+            .buckets
+            .iter()
+            .map(|bk| (bk.lengths.len() * bk.seq, bk.seq))
+            .max()
+            .unwrap_or((0, 0));
+        memory::text_stack(
+            &self.model.config,
+            self.model.backend.value_bytes(),
+            self.cfg.batch.min(self.data.len()),
+            tokens,
+            seq,
+            candidates,
+        )
     }
 
     /// Chooses where `prepare_all` computes the SVDs (any schedule gives the same decisions).
@@ -694,27 +725,90 @@ impl<'a, B: Backend> Engine<'a, B> {
                 }
                 drop(base);
                 let (vt, su) = self.removed_factors(target, kmax)?;
-                let memo = DeltaMemo::default();
-                for (ri, &rank) in ranks.iter().enumerate() {
-                    memo.rewind();
-                    let ov = self.candidate_overrides(target, &vt, &su, kmax, rank, &memo);
-                    let mut feats = Vec::with_capacity(states.len());
-                    for (bk, h) in d.prompts.buckets.iter().zip(&states) {
-                        let mut hc = b.duplicate(h)?;
-                        let mut from = start;
-                        if mlp_only {
-                            let rows = bk.lengths.len() * bk.seq;
-                            self.model
-                                .mlp_residual(&mut hc, rows, Tower::Text, start, &ov)?;
-                            from += 1;
+                let base = self.base_overrides();
+                // A candidate runs its target's layer on its own; the layers above and the
+                // head hold only decided settings, so the candidates of a group run them
+                // stacked in one batch. (A projection target is in the head: no stacking.)
+                let own_end = if target.layer.is_some() {
+                    start + 1
+                } else {
+                    layers
+                };
+                let stack = if target.layer.is_some() && self.text_stacking {
+                    self.text_stack(ranks.len())
+                } else {
+                    1
+                };
+                // One memo per bucket: its shared products are for that bucket's inputs.
+                let memos: Vec<DeltaMemo<B::Tensor>> =
+                    states.iter().map(|_| DeltaMemo::default()).collect();
+                let order: Vec<usize> = (0..ranks.len()).collect();
+                for group in order.chunks(stack) {
+                    let g = group.len();
+                    let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::new(); g];
+                    for ((bk, h), memo) in d.prompts.buckets.iter().zip(&states).zip(&memos) {
+                        let n = bk.lengths.len();
+                        let ov_of = |ri: usize| {
+                            memo.rewind();
+                            self.candidate_overrides(target, &vt, &su, kmax, ranks[ri], memo)
+                        };
+                        let mut parts = Vec::with_capacity(g);
+                        for &ri in group {
+                            let ov = ov_of(ri);
+                            let mut hc = b.duplicate(h)?;
+                            let mut from = start;
+                            if mlp_only {
+                                self.model.mlp_residual(
+                                    &mut hc,
+                                    n * bk.seq,
+                                    Tower::Text,
+                                    start,
+                                    &ov,
+                                )?;
+                                from += 1;
+                            }
+                            self.model.text_layers(
+                                &mut hc,
+                                &bk.lengths,
+                                bk.seq,
+                                from..own_end,
+                                &ov,
+                            )?;
+                            parts.push(hc);
                         }
-                        self.model
-                            .text_layers(&mut hc, &bk.lengths, bk.seq, from..layers, &ov)?;
-                        feats.push(self.model.text_head(&hc, &bk.ids, bk.seq, &ov)?);
+                        let mut hs = match g {
+                            1 => parts.pop().expect("one candidate"),
+                            _ => b.concat_rows(&parts)?,
+                        };
+                        drop(parts);
+                        let lengths = bk.lengths.repeat(g);
+                        self.model.text_layers(
+                            &mut hs,
+                            &lengths,
+                            bk.seq,
+                            own_end..layers,
+                            &base,
+                        )?;
+                        // A projection target (never stacked) is the candidate's own head.
+                        let own_head;
+                        let head_ov = if target.layer.is_some() {
+                            &base
+                        } else {
+                            own_head = ov_of(group[0]);
+                            &own_head
+                        };
+                        let f = self
+                            .model
+                            .text_head(&hs, &bk.ids.repeat(g), bk.seq, head_ov)?;
+                        for (gi, c) in f.chunks_exact(n * dim).enumerate() {
+                            feats[gi].push(c.to_vec());
+                        }
                     }
-                    let text = normalised(d.prompts.scatter(&feats, dim), dim)?;
-                    let text = b.tensor(text)?;
-                    evals[ri] = self.eval_features(&features, &text, bar)?;
+                    for (&ri, fs) in group.iter().zip(&feats) {
+                        let text = normalised(d.prompts.scatter(fs, dim), dim)?;
+                        let text = b.tensor(text)?;
+                        evals[ri] = self.eval_features(&features, &text, bar)?;
+                    }
                 }
             }
         }

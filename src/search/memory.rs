@@ -44,6 +44,30 @@ pub fn vision_bytes_per_image(c: &ClipConfig, value_bytes: usize) -> usize {
     rows + attention
 }
 
+/// Peak bytes one token of a text batch adds in a text block during the search, counted as
+/// [`vision_bytes_per_image`] counts an image's tokens (`seq`: the batch's padded length).
+pub fn text_bytes_per_token(c: &ClipConfig, value_bytes: usize, seq: usize) -> usize {
+    let t = &c.text.tower;
+    value_bytes * (9 * t.hidden + 2 * t.intermediate) + t.heads * seq * (4 + value_bytes)
+}
+
+/// How many of a text step's `candidates` run stacked in one batch through the text tower
+/// (`tokens` per candidate in the largest prompt batch, padded to `seq`): as many as fit in
+/// the activations of a vision chunk of `chunk` images, which the search holds only while
+/// the vision tower runs (so a budget that fits the chunk fits the stack); at least 1.
+pub fn text_stack(
+    c: &ClipConfig,
+    value_bytes: usize,
+    chunk: usize,
+    tokens: usize,
+    seq: usize,
+    candidates: usize,
+) -> usize {
+    let room = chunk.max(1) * vision_bytes_per_image(c, value_bytes);
+    let per = (tokens * text_bytes_per_token(c, value_bytes, seq)).max(1);
+    (room / per).clamp(1, candidates.max(1))
+}
+
 /// Every how many vision layers the search keeps the hidden states entering a layer
 /// (⌈√layers⌉: a step then re-runs at most that many − 1 blocks below its target).
 pub fn checkpoint_stride(layers: usize) -> usize {
@@ -142,6 +166,21 @@ mod tests {
         for bad in ["", "G", "-1G", "lots", "0"] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn text_stacks_fit_in_a_vision_chunk() {
+        let c = crate::model::random::preset("vit-b-16").unwrap();
+        // ImageNet's 1000 prompts in one batch of 16 tokens beside a chunk of 512 images in
+        // bf16: all 8 candidates of a step fit.
+        assert_eq!(text_stack(&c, 2, 512, 16_000, 16, 8), 8);
+        // A chunk of one image holds less than one candidate's batch: still one at a time.
+        assert_eq!(text_stack(&c, 2, 1, 16_000, 16, 8), 1);
+        // In between, the stack is what fits.
+        let per = 16_000 * text_bytes_per_token(&c, 4, 16);
+        let chunk = 3 * per / vision_bytes_per_image(&c, 4) + 1;
+        assert_eq!(text_stack(&c, 4, chunk, 16_000, 16, 8), 3);
+        assert_eq!(text_stack(&c, 4, 1 << 20, 16_000, 16, 0), 1);
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub struct CudaOptions {
     /// than as the shared-product correction, which reads and writes y0 and is memory-bound
     /// (`SETAR_CUDA_CANDIDATES=weight|delta`; [`Backend::candidates_as_weights`]).
     pub candidate_weights: bool,
+    /// Run a text step's candidates stacked into one batch through the layers above the
+    /// target ([`Backend::stack_text_candidates`]): the text tower's ops are small and their
+    /// launches, not their arithmetic, bound a text candidate (`SETAR_CUDA_TEXT_STACK=0`
+    /// runs them one after another).
+    pub stack_text: bool,
 }
 
 /// The text batches' fixed cost in tokens for [`BucketPlan::Balanced`]: a layer of a batch is
@@ -119,6 +124,7 @@ impl CudaOptions {
                 "SETAR_CUDA_CANDIDATES",
                 &[("weight", true), ("delta", false)],
             ),
+            stack_text: env_choice("SETAR_CUDA_TEXT_STACK", &[("1", true), ("0", false)]),
         }
     }
 }
@@ -154,6 +160,9 @@ pub enum AttentionPath {
     /// Scores GEMM, softmax kernel, P·V GEMM.
     Unfused,
 }
+
+/// The most blocks a launch may have along the grid's y or z axis.
+const GRID_YZ: usize = 65_535;
 
 /// A tensor (or weight) on the device: `len` values of the backend's dtype.
 #[derive(Debug)]
@@ -792,38 +801,49 @@ impl CudaBackend {
             }
             None => None,
         };
-        let dim = |what: &str, v: usize| -> Result<u32> {
-            u32::try_from(v)
-                .ok()
-                .filter(|&x| x <= 65_535)
-                .ok_or_else(|| {
-                    Error::invalid(format!("fused attention: {what} = {v} is too large"))
-                })
-        };
-        let cfg = Launch {
-            grid: (
-                shape.queries.div_ceil(64) as u32,
-                dim("heads", shape.heads)?,
-                dim("batch", shape.batch)?,
-            ),
-            block: (128, 1, 1),
-        };
-        self.launch(
-            "flash_attention",
-            cfg,
-            &[
-                Arg::Ptr(q.ptr()),
-                Arg::Ptr(k.ptr()),
-                Arg::Ptr(v.ptr()),
-                Arg::Ptr(out.ptr()),
-                Arg::I32(i32_of("seq", shape.seq)?),
-                Arg::I32(i32_of("queries", shape.queries)?),
-                Arg::I32(i32_of("heads", shape.heads)?),
-                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                Arg::I32(mask.causal as i32),
-                Arg::Ptr(lengths.as_ref().map_or(0, |l| l.ptr())),
-            ],
-        )
+        if shape.heads > GRID_YZ {
+            return Err(Error::invalid(format!(
+                "fused attention: {} heads is too many",
+                shape.heads
+            )));
+        }
+        // Sequences go on the grid's z axis (at most 65535), so a larger batch (stacked text
+        // candidates) runs in slices, each from its own offsets.
+        let elem = q.dtype().size() as u64;
+        let width = shape.width() as u64;
+        for first in (0..shape.batch).step_by(GRID_YZ) {
+            let n = GRID_YZ.min(shape.batch - first);
+            let (b0, rows_q, rows_kv) = (
+                first as u64,
+                (first * shape.queries) as u64,
+                (first * shape.seq) as u64,
+            );
+            let cfg = Launch {
+                grid: (
+                    shape.queries.div_ceil(64) as u32,
+                    shape.heads as u32,
+                    n as u32,
+                ),
+                block: (128, 1, 1),
+            };
+            self.launch(
+                "flash_attention",
+                cfg,
+                &[
+                    Arg::Ptr(q.ptr() + rows_q * width * elem),
+                    Arg::Ptr(k.ptr() + rows_kv * width * elem),
+                    Arg::Ptr(v.ptr() + rows_kv * width * elem),
+                    Arg::Ptr(out.ptr() + rows_q * width * elem),
+                    Arg::I32(i32_of("seq", shape.seq)?),
+                    Arg::I32(i32_of("queries", shape.queries)?),
+                    Arg::I32(i32_of("heads", shape.heads)?),
+                    Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                    Arg::I32(mask.causal as i32),
+                    Arg::Ptr(lengths.as_ref().map_or(0, |l| l.ptr() + b0 * 4)),
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1676,6 +1696,19 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn concat_rows(&self, parts: &[CudaTensor]) -> Result<CudaTensor> {
+        self.profiled("copy", || {
+            let dtype = parts.first().map_or(self.opts.dtype, |p| p.dtype());
+            let out = self.empty_of(parts.iter().map(CudaTensor::len).sum(), dtype)?;
+            let mut at = 0;
+            for p in parts {
+                self.dev.copy_at(&p.buf, &out.buf, at)?;
+                at += p.len();
+            }
+            Ok(out)
+        })
+    }
+
     fn l2_normalize(&self, x: &mut CudaTensor, dim: usize) -> Result<()> {
         self.profiled("l2 normalise", || self.l2_normalize_rows(x, dim))
     }
@@ -1818,6 +1851,10 @@ impl Backend for CudaBackend {
 
     fn candidates_as_weights(&self) -> bool {
         self.opts.candidate_weights
+    }
+
+    fn stack_text_candidates(&self) -> bool {
+        self.opts.stack_text
     }
 
     fn warm_up_svds(&self) {

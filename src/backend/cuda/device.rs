@@ -441,9 +441,20 @@ impl Device {
 
     /// Copies `src` into `dst` (same dtype and length), stream-ordered.
     pub fn copy(&self, src: &DeviceBuffer, dst: &DeviceBuffer) -> Result<()> {
-        if src.len != dst.len || src.dtype != dst.dtype {
+        if src.len != dst.len {
             return Err(Error::invalid(format!(
                 "device copy: {} {} into {} {}",
+                src.len, src.dtype, dst.len, dst.dtype
+            )));
+        }
+        self.copy_at(src, dst, 0)
+    }
+
+    /// Copies all of `src` into `dst` from element `at` on (same dtype), stream-ordered.
+    pub fn copy_at(&self, src: &DeviceBuffer, dst: &DeviceBuffer, at: usize) -> Result<()> {
+        if src.dtype != dst.dtype || at + src.len > dst.len {
+            return Err(Error::invalid(format!(
+                "device copy: {} {} into {} {} at {at}",
                 src.len, src.dtype, dst.len, dst.dtype
             )));
         }
@@ -452,10 +463,11 @@ impl Device {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: both ranges lie inside live allocations; ordered on our stream.
+        // SAFETY: both ranges lie inside live allocations (checked above); ordered on our
+        // stream.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
-                dst.ptr(),
+                dst.ptr_at(at),
                 src.ptr(),
                 bytes,
                 self.stream.cu_stream(),

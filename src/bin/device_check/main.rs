@@ -144,6 +144,7 @@ mod check {
     /// the device's few large ones), `+eigseq` / `+eigbatched` (how cuSOLVER's
     /// eigen-decompositions run: one after another, or one batched call),
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
+    /// `+nostack` (a text step's candidates one after another, not stacked in one batch),
     /// e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
@@ -159,6 +160,7 @@ mod check {
                 "hostsvd" => o.svd = SvdSchedule::Background,
                 "hybridsvd" => o.svd = SvdSchedule::FirstThenBackground,
                 "deltacand" => o.candidate_weights = false,
+                "nostack" => o.stack_text = false,
                 "eigseq" => o.eig = EigPath::Sequential,
                 "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
