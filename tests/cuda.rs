@@ -1383,7 +1383,7 @@ fn models_match_cpu_bf16_and_f16() {
 /// candidates within 1e-4 of the reference's objective (f32 GEMMs, other summation orders).
 #[test]
 fn search_fixtures_take_the_reference_decisions_f32() {
-    use common::search_fixture::{check_against_reference, load, run_with_svds, NAMES};
+    use common::search_fixture::{check_against_reference, load, run_with, run_with_svds, NAMES};
     let Some(b) = backend(DType::F32, GemmPath::Auto) else {
         return;
     };
@@ -1402,6 +1402,12 @@ fn search_fixtures_take_the_reference_decisions_f32() {
                 "search {name:<26} f32 CUDA, {how}: same decisions, worst candidate error {worst:.2e}"
             );
         }
+        // Text candidates one after another instead of stacked in one batch (the default).
+        let ours = run_with(&f, &f.cfg, |e| e.set_text_stacking(false));
+        let worst = check_against_reference(name, &f.json, &ours, 1e-4);
+        println!(
+            "search {name:<26} f32 CUDA, text candidates unstacked: same decisions, worst candidate error {worst:.2e}"
+        );
     }
 }
 
