@@ -17,7 +17,8 @@
 # passes the start-up self-check), +narrow (bf16 residual stream), +separate (residual adds by
 # a kernel, not in the GEMMs), +devsvd / +hostsvd / +hybridsvd (the search's SVDs all by
 # cuSOLVER up front, the default / all on host threads beside it / the first by cuSOLVER and
-# the rest on host threads), +eigseq / +eigbatched (cuSOLVER's eigen-decompositions one
+# the rest on host threads), +sidesvd (the first by cuSOLVER, the rest by cuSOLVER on a second
+# stream beside the search), +eigseq / +eigbatched (cuSOLVER's eigen-decompositions one
 # after another / in one batched call, the default), +deltacand
 # (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +nostack
 # (a text step's candidates one after another, not stacked in one batch), +rowbuckets
@@ -43,7 +44,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+deltacand}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}

@@ -1389,12 +1389,14 @@ fn search_fixtures_take_the_reference_decisions_f32() {
     };
     for name in NAMES {
         let f = load(name, CudaBackend::with_options(0, b.options()).unwrap());
-        // The SVDs every way: cuSOLVER up front, faer on host threads beside the search, and
-        // the first by cuSOLVER with the rest on host threads (the default).
+        // The SVDs every way: cuSOLVER up front (the default), faer on host threads beside the
+        // search, the first by cuSOLVER with the rest on host threads, and the first by
+        // cuSOLVER with the rest by cuSOLVER on a second stream.
         for (schedule, how) in [
             (SvdSchedule::UpFront, "cuSOLVER SVDs"),
             (SvdSchedule::Background, "host SVDs"),
             (SvdSchedule::FirstThenBackground, "hybrid SVDs"),
+            (SvdSchedule::SideStream, "side-stream SVDs"),
         ] {
             let ours = run_with_svds(&f, false, Some(schedule));
             let worst = check_against_reference(name, &f.json, &ours, 1e-4);

@@ -78,14 +78,19 @@ fn cached_and_naive_searches_agree() {
 }
 
 /// The SVDs on background threads (waited for step by step; out of plan order in the
-/// layer-exhaustive search), all or all but the first, are the same faer SVDs as up front:
-/// every value is identical.
+/// layer-exhaustive search), all or all but the first, by host threads or by the backend's
+/// side solver (the CPU's: faer on one thread), are the same faer SVDs as up front: every
+/// value is identical.
 #[test]
 fn background_svds_change_nothing() {
     for name in ["vt_locoop_minor", "le_locoop_pred_principal"] {
         let f = load(name, CpuBackend::new());
         let up_front = run_with_svds(&f, false, Some(SvdSchedule::UpFront));
-        for schedule in [SvdSchedule::Background, SvdSchedule::FirstThenBackground] {
+        for schedule in [
+            SvdSchedule::Background,
+            SvdSchedule::FirstThenBackground,
+            SvdSchedule::SideStream,
+        ] {
             let background = run_with_svds(&f, false, Some(schedule));
             common::search_fixture::check_against_reference(name, &f.json, &background, TOLERANCE);
             assert_identical(name, &up_front, &background);

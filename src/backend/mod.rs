@@ -99,7 +99,16 @@ pub enum SvdSchedule {
     /// The first target's by [`Backend::thin_svds`], since the first step needs it at once, and
     /// the rest on host threads beside the search.
     FirstThenBackground,
+    /// The first target's by [`Backend::thin_svds`], the rest by [`Backend::side_svd_solver`]
+    /// (a device: the same cuSOLVER arithmetic on a second stream, beside the search's work)
+    /// from one host thread, a run of equal shapes at a time, in plan order.
+    SideStream,
 }
+
+/// Computes the SVDs of a run of matrices (`[out, in]` row-major, as [`Svd::new`] takes
+/// them) apart from the backend's own queue, called from a thread of its own
+/// ([`SvdSchedule::SideStream`]); a device batches a run of equal shapes.
+pub type SideSolver = Box<dyn Fn(&[(&[f32], usize, usize)]) -> Result<Vec<Svd>> + Send>;
 
 /// Tensor ops the model needs. Activations are row-major `[rows, dim]` f32.
 pub trait Backend: Send + Sync {
@@ -338,6 +347,14 @@ pub trait Backend: Send + Sync {
     /// A hint that SVDs are coming (a search): a device may load its solver now, beside the
     /// caller's other work, rather than inside the first [`Backend::thin_svds`]. Default: nothing.
     fn warm_up_svds(&self) {}
+
+    /// The solver of [`SvdSchedule::SideStream`]. Default: faer ([`Svd::new`]) on the calling
+    /// thread, one matrix after another.
+    fn side_svd_solver(&self) -> Result<SideSolver> {
+        Ok(Box::new(|mats| {
+            mats.iter().map(|(w, o, i)| Svd::new(w, *o, *i)).collect()
+        }))
+    }
 
     /// Thin SVDs of row-major `[out, in]` weights, as [`Svd::new`] computes them. Default: faer
     /// on the CPU, the matrices in parallel.

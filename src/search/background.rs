@@ -5,7 +5,12 @@
 //! of their own at the start, in plan order, and each step waits only for its own target's.
 //! The pool is not rayon's global one: the search's own parallel loops on the host (rounding
 //! pixels, assembling results) would otherwise queue behind SVDs of a few hundred ms each.
+//!
+//! Or ([`BackgroundSvds::start_side`]) one thread hands them to a [`SideSolver`], a run of
+//! equal shapes at a time: a device's solver on a second stream, so the device computes them
+//! beside the search while the host's cores stay free.
 
+use crate::backend::SideSolver;
 use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target};
 use std::collections::HashMap;
@@ -41,8 +46,9 @@ pub struct BackgroundSvds {
     /// Time the search spent waiting for results.
     waited: Duration,
     // Kept so that its threads live as long as the work (a dropped pool lets queued jobs
-    // finish; the cancel flag makes those return at once).
-    _pool: rayon::ThreadPool,
+    // finish; the cancel flag makes those return at once). None for a side solver, whose
+    // thread checks the flag between runs.
+    _pool: Option<rayon::ThreadPool>,
 }
 
 impl BackgroundSvds {
@@ -84,7 +90,72 @@ impl BackgroundSvds {
             shared,
             pending,
             waited: Duration::ZERO,
-            _pool: pool,
+            _pool: Some(pool),
+        })
+    }
+
+    /// Starts the SVDs of `mats` on one thread that hands each run of consecutive equal
+    /// shapes, first to last, to `solver` in one call (a device batches them).
+    pub fn start_side(mats: Vec<TargetWeight>, solver: SideSolver) -> Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let mut pending = HashMap::new();
+        let mut runs: Vec<Vec<(Target, Vec<f32>)>> = Vec::new();
+        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        for m in mats {
+            pending.insert(m.target, m.bias);
+            let shape = (m.out_dim, m.in_dim);
+            if shapes.last() != Some(&shape) {
+                shapes.push(shape);
+                runs.push(Vec::new());
+            }
+            runs.last_mut()
+                .expect("just pushed")
+                .push((m.target, m.weight));
+        }
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name("setar-svd-side".into())
+            .spawn(move || {
+                for (run, (o, i)) in runs.into_iter().zip(shapes) {
+                    if worker.cancelled.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let args: Vec<(&[f32], usize, usize)> =
+                        run.iter().map(|(_, w)| (w.as_slice(), o, i)).collect();
+                    let svds =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| solver(&args)))
+                            .unwrap_or_else(|_| Err(Error::invalid("the SVD solver panicked")))
+                            .and_then(|v| match v.len() == run.len() {
+                                true => Ok(v),
+                                false => Err(Error::invalid(format!(
+                                    "the SVD solver gave {} results for {} matrices",
+                                    v.len(),
+                                    run.len()
+                                ))),
+                            });
+                    let mut done = worker.done.lock().unwrap_or_else(|p| p.into_inner());
+                    match svds {
+                        Ok(v) => {
+                            for ((target, w), svd) in run.into_iter().zip(v) {
+                                done.insert(target, (Ok(svd), w));
+                            }
+                        }
+                        Err(e) => {
+                            for (target, w) in run {
+                                let e = Error::invalid(format!("the SVD of {target}: {e}"));
+                                done.insert(target, (Err(e), w));
+                            }
+                        }
+                    }
+                    worker.ready.notify_all();
+                }
+            })
+            .map_err(|e| Error::invalid(format!("cannot start the SVD thread: {e}")))?;
+        Ok(BackgroundSvds {
+            shared,
+            pending,
+            waited: Duration::ZERO,
+            _pool: None,
         })
     }
 
@@ -205,6 +276,59 @@ mod tests {
             assert!(!bg.has(target(l)));
         }
         assert!(bg.wait(target(0)).is_err(), "taken twice");
+    }
+
+    #[test]
+    fn side_solver_takes_runs_of_equal_shapes_in_order() {
+        // Two shapes, the first interrupted: three runs.
+        let dims = [(30, 20), (30, 20), (20, 12), (30, 20)];
+        let mats: Vec<_> = dims
+            .iter()
+            .enumerate()
+            .map(|(l, &(o, i))| target_weight(l, weight(o, i, l), o, i))
+            .collect();
+        let copies: Vec<Vec<f32>> = mats.iter().map(|m| m.weight.clone()).collect();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let solver: SideSolver = Box::new(move |m: &[(&[f32], usize, usize)]| {
+            seen.lock().unwrap().push((m.len(), m[0].1, m[0].2));
+            m.iter().map(|(w, o, i)| Svd::new(w, *o, *i)).collect()
+        });
+        let mut bg = BackgroundSvds::start_side(mats, solver).unwrap();
+        for &l in &[2usize, 3, 0, 1] {
+            let (o, i) = dims[l];
+            let (svd, w) = bg.wait(target(l)).unwrap();
+            assert_eq!(w.weight, copies[l]);
+            assert_eq!(w.bias, Some(vec![l as f32; o]));
+            assert_eq!(svd.s, Svd::new(&copies[l], o, i).unwrap().s);
+        }
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![(2, 30, 20), (1, 20, 12), (1, 30, 20)]
+        );
+    }
+
+    #[test]
+    fn a_failed_side_run_is_an_error_for_its_targets_only() {
+        let mats = vec![
+            target_weight(0, weight(6, 4, 0), 6, 4),
+            target_weight(1, weight(6, 4, 1), 6, 4),
+            target_weight(2, weight(5, 3, 2), 5, 3),
+        ];
+        let solver: SideSolver = Box::new(|m: &[(&[f32], usize, usize)]| {
+            if m[0].1 == 6 {
+                Err(Error::invalid("out of device memory"))
+            } else {
+                m.iter().map(|(w, o, i)| Svd::new(w, *o, *i)).collect()
+            }
+        });
+        let mut bg = BackgroundSvds::start_side(mats, solver).unwrap();
+        for l in [0, 1] {
+            let err = bg.wait(target(l)).err().expect("the run failed");
+            assert!(err.to_string().contains("out of device memory"), "{err}");
+            assert!(err.to_string().contains(&target(l).to_string()), "{err}");
+        }
+        assert_eq!(bg.wait(target(2)).unwrap().0.k(), 3);
     }
 
     #[test]

@@ -303,7 +303,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                 self.prepare(t)?;
             }
             let (first, rest) = match self.svd_schedule {
-                SvdSchedule::FirstThenBackground => (Some(todo[0]), &todo[1..]),
+                SvdSchedule::FirstThenBackground | SvdSchedule::SideStream => {
+                    (Some(todo[0]), &todo[1..])
+                }
                 _ => (None, &todo[..]),
             };
             let mut mats = Vec::with_capacity(rest.len());
@@ -317,7 +319,12 @@ impl<'a, B: Backend> Engine<'a, B> {
                     in_dim,
                 });
             }
-            let bg = BackgroundSvds::start(mats, BackgroundSvds::default_threads())?;
+            let bg = match self.svd_schedule {
+                SvdSchedule::SideStream => {
+                    BackgroundSvds::start_side(mats, self.model.backend.side_svd_solver()?)?
+                }
+                _ => BackgroundSvds::start(mats, BackgroundSvds::default_threads())?,
+            };
             self.background = Some(bg);
             // The host threads are busy with the rest while the backend does this one.
             if let Some(t) = first {

@@ -8,7 +8,9 @@ use super::svd::EigPath;
 use super::DType;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::row_stats::{self, OodSums, RowStats};
-use crate::backend::{relative_error, AttentionMask, AttentionShape, Backend, SvdSchedule};
+use crate::backend::{
+    relative_error, AttentionMask, AttentionShape, Backend, SideSolver, SvdSchedule,
+};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::lowrank::Svd;
@@ -53,10 +55,11 @@ pub struct CudaOptions {
     /// (cuBLASLt, beta = 1, the stream as C and D) instead of writing each output and adding
     /// it by a kernel (`SETAR_CUDA_SEPARATE_RESIDUAL=1` turns it off).
     pub fused_residual: bool,
-    /// Where the search's SVDs run (`SETAR_CUDA_SVD=device|hybrid|host`): by default all by
-    /// cuSOLVER in f64 up front; `hybrid`: the first target's by cuSOLVER and the rest on host
-    /// threads while the search evaluates on the device (faer in f64 as on the CPU,
-    /// `search/background.rs`); `host`: all on host threads. Measured on the H200 machine
+    /// Where the search's SVDs run (`SETAR_CUDA_SVD=device|hybrid|host|side`): by default all
+    /// by cuSOLVER in f64 up front; `hybrid`: the first target's by cuSOLVER and the rest on
+    /// host threads while the search evaluates on the device (faer in f64 as on the CPU,
+    /// `search/background.rs`); `host`: all on host threads; `side`: the first by cuSOLVER,
+    /// the rest by cuSOLVER on a second stream, beside the search's kernels. Measured on the H200 machine
     /// (BENCHMARKS.md, run 5a): up front 6.43 s, hybrid 6.58 s and 7.33 s, host 6.99 s. The
     /// host SVDs take about a second to arrive, and while they run the search's own steps slow
     /// down (step 1: 0.46 s against 0.25 s).
@@ -110,6 +113,7 @@ impl CudaOptions {
                     ("device", SvdSchedule::UpFront),
                     ("hybrid", SvdSchedule::FirstThenBackground),
                     ("host", SvdSchedule::Background),
+                    ("side", SvdSchedule::SideStream),
                 ],
             ),
             prompt_buckets: BucketPlan::Balanced {
@@ -1862,6 +1866,17 @@ impl Backend for CudaBackend {
         if slot.is_none() {
             *slot = Some(super::svd::start_warm_up(&self.dev, self.opts.eig));
         }
+    }
+
+    /// cuSOLVER (svd.rs) on a stream of its own: its kernels run beside the search's, and
+    /// only the thread calling it waits for them.
+    fn side_svd_solver(&self) -> Result<SideSolver> {
+        let side = self.dev.with_new_stream()?;
+        let eig = self.opts.eig;
+        Ok(Box::new(move |mats| {
+            side.bind()?;
+            super::svd::thin_svds(&side, mats, eig, &mut super::svd::Phases::new(&side, false))
+        }))
     }
 
     /// cuSOLVER (svd.rs); when profiling, each phase is an op of [`CudaBackend::profile`].

@@ -140,7 +140,8 @@ mod check {
     /// stream in the storage dtype), `+separate` (residual adds by a kernel, not in the
     /// GEMMs), `+devsvd` (the search's SVDs all by cuSOLVER up front: the default), `+hostsvd`
     /// (all on host threads beside the search), `+hybridsvd` (the first by cuSOLVER, the rest
-    /// on host threads), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
+    /// on host threads), `+sidesvd` (the first by cuSOLVER, the rest by cuSOLVER on a second
+    /// stream beside the search), `+rowbuckets` (the CPU's text batches of 128 prompts instead of
     /// the device's few large ones), `+eigseq` / `+eigbatched` (how cuSOLVER's
     /// eigen-decompositions run: one after another, or one batched call),
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
@@ -159,6 +160,7 @@ mod check {
                 "devsvd" => o.svd = SvdSchedule::UpFront,
                 "hostsvd" => o.svd = SvdSchedule::Background,
                 "hybridsvd" => o.svd = SvdSchedule::FirstThenBackground,
+                "sidesvd" => o.svd = SvdSchedule::SideStream,
                 "deltacand" => o.candidate_weights = false,
                 "nostack" => o.stack_text = false,
                 "eigseq" => o.eig = EigPath::Sequential,

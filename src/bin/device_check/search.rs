@@ -199,6 +199,7 @@ pub fn time_search(
             SvdSchedule::UpFront => "cuSOLVER up front (f64)",
             SvdSchedule::Background => "host threads beside the search (faer, f64)",
             SvdSchedule::FirstThenBackground => "the first by cuSOLVER (f64), the rest on host threads beside the search (faer, f64)",
+            SvdSchedule::SideStream => "the first by cuSOLVER (f64), the rest by cuSOLVER on a second stream beside the search (f64)",
         },
         "prompt_batches": data.prompts.buckets.len(),
         "prompt_tokens_padded": data.prompts.padded_tokens(),
