@@ -4,7 +4,7 @@
 //! 200) validation images in 10 ImageNet classes (random pixels: speed does not depend on
 //! content), prompts for all 1,000 ImageNet classes, and times one search step — all candidate
 //! ratios of one target — for several targets, the cached way and the naive (reference) way.
-//! Prints a JSON object; `scripts/bench-search.sh` turns it into the BENCHMARKS.md table.
+//! Prints a JSON object (BENCHMARKS.md's search-step tables were written from it).
 //! `SETAR_BENCH_TOWERS=text|vision` times one tower's targets only; `SETAR_BENCH_TEXT_STACK=0`
 //! runs a text step's candidates one after another instead of stacked.
 
