@@ -59,21 +59,7 @@ fn cached_and_naive_searches_agree() {
     let f = load("vt_locoop_minor", CpuBackend::new());
     let cached = run(&f, false);
     let naive = run(&f, true);
-    let mut worst = 0.0f64;
-    for (a, b) in cached.steps.iter().zip(&naive.steps) {
-        assert_eq!(a.chosen, b.chosen, "step {}", a.step);
-        for (x, y) in a.candidates.iter().zip(&b.candidates) {
-            worst = worst.max(rel(x.value, y.value));
-            assert!(
-                rel(x.value, y.value) <= TOLERANCE,
-                "step {} ratio {}: {} vs {}",
-                a.step,
-                x.ratio,
-                x.value,
-                y.value
-            );
-        }
-    }
+    let worst = assert_close("cached vs naive", &cached, &naive);
     println!("cached vs naive: worst candidate difference {worst:.2e}");
 }
 
@@ -121,20 +107,7 @@ fn prompt_grouping_changes_no_decision() {
         assert_eq!(f.data.prompts.buckets.len(), batches);
         let regrouped = run(&f, false);
         common::search_fixture::check_against_reference(name, &f.json, &regrouped, TOLERANCE);
-        let mut worst = 0.0f64;
-        for (a, b) in rows.steps.iter().zip(&regrouped.steps) {
-            assert_eq!(a.chosen, b.chosen, "step {}", a.step);
-            for (x, y) in a.candidates.iter().zip(&b.candidates) {
-                worst = worst.max(rel(x.value, y.value));
-                assert!(
-                    rel(x.value, y.value) <= TOLERANCE,
-                    "step {}: {} vs {}",
-                    a.step,
-                    x.value,
-                    y.value
-                );
-            }
-        }
+        let worst = assert_close("regrouped prompts", &rows, &regrouped);
         println!(
             "{batches} text batches against the CPU's: worst candidate difference {worst:.2e}"
         );
@@ -149,6 +122,28 @@ fn searches_without_checkpoints_give_the_same_values() {
     let with = run(&f, false);
     let without = run_with(&f, &f.cfg, |e| e.set_vision_checkpoints(false));
     assert_identical("vt_locoop_minor", &with, &without);
+}
+
+/// The same decision at every step and every candidate's value within `TOLERANCE` relative;
+/// returns the worst difference.
+fn assert_close(name: &str, a: &SearchState, b: &SearchState) -> f64 {
+    assert_eq!(a.steps.len(), b.steps.len(), "{name}: number of steps");
+    let mut worst = 0.0f64;
+    for (s, t) in a.steps.iter().zip(&b.steps) {
+        assert_eq!(s.chosen, t.chosen, "{name}: step {}", s.step);
+        for (x, y) in s.candidates.iter().zip(&t.candidates) {
+            worst = worst.max(rel(x.value, y.value));
+            assert!(
+                rel(x.value, y.value) <= TOLERANCE,
+                "{name}: step {} ratio {}: {} vs {}",
+                s.step,
+                x.ratio,
+                x.value,
+                y.value
+            );
+        }
+    }
+    worst
 }
 
 /// The same decision and bit-identical candidate values at every step.
@@ -190,20 +185,7 @@ fn stacked_text_candidates_change_nothing() {
             ..cfg.clone()
         };
         let naive = run_with(&f, &naive_cfg, |_| {});
-        let mut worst = 0.0f64;
-        for (a, b) in stacked.steps.iter().zip(&naive.steps) {
-            assert_eq!(a.chosen, b.chosen, "{name}: step {}", a.step);
-            for (x, y) in a.candidates.iter().zip(&b.candidates) {
-                worst = worst.max(rel(x.value, y.value));
-                assert!(
-                    rel(x.value, y.value) <= TOLERANCE,
-                    "{name}: step {}: {} vs {}",
-                    a.step,
-                    x.value,
-                    y.value
-                );
-            }
-        }
+        let worst = assert_close(&name, &stacked, &naive);
         println!("{name}: stacked vs naive, worst candidate difference {worst:.2e}");
     }
 }
