@@ -59,10 +59,10 @@ pub struct CudaOptions {
     /// by cuSOLVER in f64 up front; `hybrid`: the first target's by cuSOLVER and the rest on
     /// host threads while the search evaluates on the device (faer in f64 as on the CPU,
     /// `search/background.rs`); `host`: all on host threads; `side`: the first by cuSOLVER,
-    /// the rest by cuSOLVER on a second stream, beside the search's kernels. Measured on the H200 machine
-    /// (BENCHMARKS.md, run 5a): up front 6.43 s, hybrid 6.58 s and 7.33 s, host 6.99 s. The
-    /// host SVDs take about a second to arrive, and while they run the search's own steps slow
-    /// down (step 1: 0.46 s against 0.25 s).
+    /// the rest by cuSOLVER on a second stream, beside the search's kernels (not yet timed).
+    /// Measured on the H200 machine (BENCHMARKS.md, run 5a): up front 6.43 s, hybrid 6.58 s
+    /// and 7.33 s, host 6.99 s. The host SVDs take about a second to arrive, and while they
+    /// run the search's own steps slow down (step 1: 0.46 s against 0.25 s).
     pub svd: SvdSchedule,
     /// How the text tower groups prompts: by default few large batches, trading a little
     /// padding for launches (ImageNet's 1000 prompts: 2 batches of 9828 tokens in all against
