@@ -99,24 +99,22 @@ impl BackgroundSvds {
     pub fn start_side(mats: Vec<TargetWeight>, solver: SideSolver) -> Result<Self> {
         let shared = Arc::new(Shared::default());
         let mut pending = HashMap::new();
-        let mut runs: Vec<Vec<(Target, Vec<f32>)>> = Vec::new();
-        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        // Runs of consecutive equal shapes: ((out, in), [(target, weight)]).
+        type Run = ((usize, usize), Vec<(Target, Vec<f32>)>);
+        let mut runs: Vec<Run> = Vec::new();
         for m in mats {
             pending.insert(m.target, m.bias);
             let shape = (m.out_dim, m.in_dim);
-            if shapes.last() != Some(&shape) {
-                shapes.push(shape);
-                runs.push(Vec::new());
+            match runs.last_mut() {
+                Some((s, run)) if *s == shape => run.push((m.target, m.weight)),
+                _ => runs.push((shape, vec![(m.target, m.weight)])),
             }
-            runs.last_mut()
-                .expect("just pushed")
-                .push((m.target, m.weight));
         }
         let worker = shared.clone();
         std::thread::Builder::new()
             .name("setar-svd-side".into())
             .spawn(move || {
-                for (run, (o, i)) in runs.into_iter().zip(shapes) {
+                for ((o, i), run) in runs {
                     if worker.cancelled.load(Ordering::Relaxed) {
                         return;
                     }
