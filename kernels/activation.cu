@@ -5,7 +5,8 @@
 //
 // `activate`: the activation alone over n contiguous values (the MLP's hidden layer, after a
 // GEMM that added the bias), 16 bytes per load and store (8 bf16/f16 or 4 f32 values), the
-// activation chosen once per launch rather than per value. x must be 16-byte aligned (the
+// activation chosen once per launch rather than per value; quick_gelu of bf16 / f16 values
+// by approximate 2^x and 1/x (`quick_gelu_approx`). x must be 16-byte aligned (the
 // caller checks); a grid-stride loop, then a scalar tail.
 #include "common.cuh"
 
@@ -50,6 +51,23 @@ __device__ __forceinline__ void bias_act_impl(T* x, const T* bias, long long row
     }
 SETAR_FOR_EACH_TYPE(BIAS_ACT)
 
+// quick_gelu by the multiprocessor's approximate 2^x and 1/x (one instruction each, relative
+// errors near 2^-22): far below a bf16 / f16 result's rounding (2^-9, 2^-12), and it leaves the
+// 16-bit `activate` bound by memory. The accurate expf and IEEE division of `apply_act` cost
+// some 20 instructions a value, which at bf16's 2 bytes a value is as much time as the memory.
+// For v below about -52, 2^x overflows and the result is -0 (the exact one is under 1e-36).
+__device__ __forceinline__ float quick_gelu_approx(float v) {
+    float e, r;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(v * -2.4554669595930157f)); // -1.702·log2(e)
+    asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+    return v * r;
+}
+
+// The activation `ACT` of one value of a 16-bit type (f32 keeps `apply_act`'s accurate form).
+template <int ACT> __device__ __forceinline__ float act_half(float v) {
+    return ACT == SETAR_ACT_QUICK_GELU ? quick_gelu_approx(v) : apply_act(v, ACT);
+}
+
 // The activation `ACT` of the values in one 32-bit word: one f32, or two bf16 / f16 (the low
 // half first). Words, not a T* into the 16-byte load, so that the load stays in registers.
 template <typename T, int ACT>
@@ -60,8 +78,8 @@ __device__ __forceinline__ unsigned act_word(unsigned w) {
         T lo, hi;
         lo.bits = (unsigned short)(w & 0xffffu);
         hi.bits = (unsigned short)(w >> 16);
-        return (unsigned)from_float<T>(apply_act(to_float(lo), ACT)).bits |
-               ((unsigned)from_float<T>(apply_act(to_float(hi), ACT)).bits << 16);
+        return (unsigned)from_float<T>(act_half<ACT>(to_float(lo))).bits |
+               ((unsigned)from_float<T>(act_half<ACT>(to_float(hi))).bits << 16);
     }
 }
 
@@ -82,7 +100,8 @@ __device__ __forceinline__ void activate_loop(T* x, long long n) {
         xv[i] = pack;
     }
     for (long long i = vectors * V + first; i < n; i += stride)
-        x[i] = from_float<T>(apply_act(to_float(x[i]), ACT));
+        x[i] = from_float<T>(sizeof(T) == 4 ? apply_act(to_float(x[i]), ACT)
+                                            : act_half<ACT>(to_float(x[i])));
 }
 
 template <typename T>

@@ -1,6 +1,9 @@
 // Fused multi-head attention for head_dim 64 in bf16 / f16 (flash-attention 2 style): the
-// scores never reach memory. One block of 4 warps per (64 queries, head, sequence); each warp
-// owns 16 queries. Keys and values stream through shared memory 64 at a time, double-buffered
+// scores never reach memory. One block of W warps per (16·W queries, head, sequence); each
+// warp owns 16 queries. Two forms: `flash_attention` (W = 4, 64 queries a block) and
+// `flash_attention_wide` (W = 8, 128 queries a block): every block streams all of its
+// sequence's keys and values, so the wide form reads them half as often (ViT-B/16's 197
+// queries: 2 blocks per head and image instead of 4; a text tower's 77: 1 instead of 2). Keys and values stream through shared memory 64 at a time, double-buffered
 // with cp.async (the next tile lands while this one is used); their fragments come out of
 // shared memory by ldmatrix (.trans for V). S = Q·Kᵀ and O += P·V run on the tensor cores
 // (mma.sync m16n8k16, f32 accumulation) with an online softmax in f32 registers, in base 2
@@ -11,11 +14,9 @@
 //
 // q: [batch·queries, heads·64], k and v: [batch·seq, heads·64], out like q, all 16-byte
 // aligned (the backend checks); lengths: int per sequence or null.
-// Launch: grid (ceil(queries / 64), heads, batch), block 128.
+// Launch: grid (ceil(queries / (16·W)), heads, batch), block 32·W.
 #include "common.cuh"
 
-#define ATT_WARPS 4
-#define ATT_Q (16 * ATT_WARPS)
 #define ATT_K 64
 #define ATT_D 64
 // A shared row is 144 bytes: the 8 rows one ldmatrix reads fall on 32 distinct banks.
@@ -91,10 +92,10 @@ struct KvTiles {
 
 // Starts copying keys and values j0 .. j0+63 of (b, h) into stage `st`; rows past the
 // sequence become zeros (read from a valid row, 0 bytes taken).
-template <typename T>
+template <int WARPS, typename T>
 __device__ __forceinline__ void load_kv_tile(KvTiles& sm, int st, const T* k, const T* v,
                                              int b, int h, int seq, long long w, int j0) {
-    for (int c = threadIdx.x; c < ATT_K * ATT_D / 8; c += 32 * ATT_WARPS) {
+    for (int c = threadIdx.x; c < ATT_K * ATT_D / 8; c += 32 * WARPS) {
         const int r = c >> 3, col = (c & 7) * 8, j = j0 + r;
         const bool in = j < seq;
         const long long off = ((long long)b * seq + (in ? j : 0)) * w + (long long)h * ATT_D + col;
@@ -103,7 +104,7 @@ __device__ __forceinline__ void load_kv_tile(KvTiles& sm, int st, const T* k, co
     }
 }
 
-template <typename T, bool BF16>
+template <typename T, bool BF16, int WARPS>
 __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, const T* v, T* out,
                                                      int seq, int queries, int heads,
                                                      float scale, int causal,
@@ -113,6 +114,7 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const long long w = (long long)heads * ATT_D;
+    constexpr int ATT_Q = 16 * WARPS;
     const int q_block = blockIdx.x * ATT_Q;
     const int i0 = q_block + warp * 16 + g, i1 = i0 + 8;  // this thread's two query rows
     // A warp whose 16 rows are all past the last query only helps with the copies.
@@ -126,7 +128,7 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
     const int tiles = (kv_end + ATT_K - 1) / ATT_K;
     const float scale_log2 = scale * 1.4426950408889634f;
 
-    if (tiles > 0) load_kv_tile(sm, 0, k, v, b, h, seq, w, 0);
+    if (tiles > 0) load_kv_tile<WARPS>(sm, 0, k, v, b, h, seq, w, 0);
     cp_async_commit();
 
     // Q as A fragments, one per 16 head dims.
@@ -153,7 +155,7 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
 
     for (int it = 0; it < tiles; ++it) {
         const int st = it & 1, j0 = it * ATT_K, kv_left = kv_end - j0;
-        if (it + 1 < tiles) load_kv_tile(sm, st ^ 1, k, v, b, h, seq, w, j0 + ATT_K);
+        if (it + 1 < tiles) load_kv_tile<WARPS>(sm, st ^ 1, k, v, b, h, seq, w, j0 + ATT_K);
         cp_async_commit();
         cp_async_wait_all_but_one();
         __syncthreads();
@@ -260,16 +262,16 @@ __device__ __forceinline__ void flash_attention_impl(const T* q, const T* k, con
     }
 }
 
-// At most 128 registers, so that 4 blocks (16 warps) share a multiprocessor.
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS, 4)
-    flash_attention_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int seq,
-                         int queries, int heads, float scale, int causal, const int* lengths) {
-    flash_attention_impl<bf16_t, true>(q, k, v, out, seq, queries, heads, scale, causal, lengths);
-}
-
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS, 4)
-    flash_attention_f16(const f16_t* q, const f16_t* k, const f16_t* v, f16_t* out, int seq,
-                        int queries, int heads, float scale, int causal, const int* lengths) {
-    flash_attention_impl<f16_t, false>(q, k, v, out, seq, queries, heads, scale, causal,
-                                       lengths);
-}
+// At most 128 registers, so that 4 blocks of 4 warps (or 2 of 8) share a multiprocessor:
+// 16 warps either way.
+#define FLASH_ENTRY(NAME, WARPS, BLOCKS, T, BF16)                                             \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, BLOCKS)                          \
+        NAME(const T* q, const T* k, const T* v, T* out, int seq, int queries, int heads,     \
+             float scale, int causal, const int* lengths) {                                   \
+        flash_attention_impl<T, BF16, WARPS>(q, k, v, out, seq, queries, heads, scale, causal, \
+                                             lengths);                                        \
+    }
+FLASH_ENTRY(flash_attention_bf16, 4, 4, bf16_t, true)
+FLASH_ENTRY(flash_attention_f16, 4, 4, f16_t, false)
+FLASH_ENTRY(flash_attention_wide_bf16, 8, 2, bf16_t, true)
+FLASH_ENTRY(flash_attention_wide_f16, 8, 2, f16_t, false)

@@ -711,7 +711,7 @@ fn auto_attention_uses_the_fused_kernel() {
 /// The fused tensor-core attention (kernels/attention.cu, bf16 / f16, head_dim 64) against
 /// the CPU on CLIP's shapes (197 and 257 tokens: 4 and 5 key tiles through the two
 /// shared-memory stages; the class token alone; 77 text tokens), whole tiles, awkward sizes,
-/// and every mask.
+/// and every mask, with 4 and with 8 warps a block.
 #[test]
 fn fused_attention_matches_cpu() {
     let mut rng = Rng::new("fused attention");
@@ -727,7 +727,10 @@ fn fused_attention_matches_cpu() {
         // More sequences than a grid axis holds (65535): launched in slices.
         (65_537, 3, 3, 1, 64),
     ];
-    for dtype in [DType::BF16, DType::F16] {
+    for (dtype, warps) in [DType::BF16, DType::F16]
+        .into_iter()
+        .flat_map(|d| [(d, 4), (d, 8)])
+    {
         if backend(dtype, GemmPath::Auto).is_none() {
             return;
         }
@@ -735,6 +738,7 @@ fn fused_attention_matches_cpu() {
             poison: true,
             sync_each_op: true,
             attention: AttentionPath::Fused,
+            attention_warps: warps,
             ..CudaOptions::new(dtype)
         };
         let b = CudaBackend::with_options(0, opts).unwrap();
@@ -758,7 +762,8 @@ fn fused_attention_matches_cpu() {
                     .attention(&up(&b, &q), &up(&b, &k), &up(&b, &v), shape, &mask)
                     .unwrap();
                 let got = b.to_vec(&got).unwrap();
-                let what = format!("fused attention {batch}x{seq} q{queries} h{heads} {name}");
+                let what =
+                    format!("fused attention/{warps} {batch}x{seq} q{queries} h{heads} {name}");
                 // The probabilities are rounded to the storage dtype before P·V.
                 check(&what, dtype, &got, &want, 2.0 * tol(dtype));
                 // Past a grid axis, the later slices on their own (a whole-tensor error

@@ -82,6 +82,11 @@ pub struct CudaOptions {
     /// launches, not their arithmetic, bound a text candidate (`SETAR_CUDA_TEXT_STACK=0`
     /// runs them one after another).
     pub stack_text: bool,
+    /// Warps per block of the fused attention (`SETAR_CUDA_ATTENTION_WARPS=4|8`): 4 (64
+    /// queries a block, the kernel measured in runs 4 and 5) or 8 (`flash_attention_wide`,
+    /// 128 queries a block: each block streams all of its sequence's keys and values, so 8
+    /// warps read them half as often; not yet timed).
+    pub attention_warps: u32,
 }
 
 /// The text batches' fixed cost in tokens for [`BucketPlan::Balanced`]: a layer of a batch is
@@ -129,6 +134,7 @@ impl CudaOptions {
                 &[("weight", true), ("delta", false)],
             ),
             stack_text: env_choice("SETAR_CUDA_TEXT_STACK", &[("1", true), ("0", false)]),
+            attention_warps: env_choice("SETAR_CUDA_ATTENTION_WARPS", &[("4", 4), ("8", 8)]),
         }
     }
 }
@@ -811,6 +817,15 @@ impl CudaBackend {
                 shape.heads
             )));
         }
+        let (op, warps) = match self.opts.attention_warps {
+            4 => ("flash_attention", 4u32),
+            8 => ("flash_attention_wide", 8),
+            w => {
+                return Err(Error::invalid(format!(
+                    "fused attention: {w} warps per block (4 or 8)"
+                )))
+            }
+        };
         // Sequences go on the grid's z axis (at most 65535), so a larger batch (stacked text
         // candidates) runs in slices, each from its own offsets.
         let elem = q.dtype().size() as u64;
@@ -824,14 +839,14 @@ impl CudaBackend {
             );
             let cfg = Launch {
                 grid: (
-                    shape.queries.div_ceil(64) as u32,
+                    shape.queries.div_ceil(16 * warps as usize) as u32,
                     shape.heads as u32,
                     n as u32,
                 ),
-                block: (128, 1, 1),
+                block: (32 * warps, 1, 1),
             };
             self.launch(
-                "flash_attention",
+                op,
                 cfg,
                 &[
                     Arg::Ptr(q.ptr() + rows_q * width * elem),

@@ -78,7 +78,7 @@ pub const UNITS: &[Unit] = &[
     Unit {
         name: "attention",
         source: include_str!("../../../kernels/attention.cu"),
-        ops: &["flash_attention"],
+        ops: &["flash_attention", "flash_attention_wide"],
         dtypes: HALVES,
     },
     Unit {

@@ -146,7 +146,8 @@ mod check {
     /// eigen-decompositions run: one after another, or one batched call),
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
     /// `+nostack` (a text step's candidates one after another, not stacked in one batch),
-    /// e.g. `bf16+unfused`.
+    /// `+att8` / `+att4` (the fused attention with 8 warps a block, 128 queries, or 4 and 64:
+    /// the default), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -163,6 +164,8 @@ mod check {
                 "sidesvd" => o.svd = SvdSchedule::SideStream,
                 "deltacand" => o.candidate_weights = false,
                 "nostack" => o.stack_text = false,
+                "att8" => o.attention_warps = 8,
+                "att4" => o.attention_warps = 4,
                 "eigseq" => o.eig = EigPath::Sequential,
                 "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
