@@ -500,16 +500,17 @@ impl<B: Backend> Clip<B> {
         }
         let mut h = self.vision_embed(pixels, n)?;
         self.vision_layers(&mut h, n, 0..layers - 1, ov)?;
-        self.vision_head(&h, n, local, ov)
+        self.vision_head(h, n, local, ov)
     }
 
     /// The last vision block and the projection, computing only what the features need: the
     /// class token's query and MLP for the pooled feature, and for the local features GL-MCM's
     /// value path on the patch tokens, `x + out_proj(v_proj(ln1(x)))` then the MLP residual,
     /// which reuses the block's own `v_proj(ln1(x))` and the same (possibly low-rank) weights.
+    /// Takes the hidden states, whose storage the local features' value path reuses.
     pub fn vision_head(
         &self,
-        h: &B::Tensor,
+        h: B::Tensor,
         n: usize,
         local: bool,
         ov: &Overrides<B>,
@@ -526,7 +527,7 @@ impl<B: Backend> Clip<B> {
     /// asked, local `[n · patches, proj]`.
     pub fn vision_head_tensors(
         &self,
-        h: &B::Tensor,
+        mut h: B::Tensor,
         n: usize,
         local: bool,
         ov: &Overrides<B>,
@@ -547,7 +548,7 @@ impl<B: Backend> Clip<B> {
         let tokens = self.config.vision.tokens();
         let rows = n * tokens;
         let cls_rows: Vec<usize> = (0..n).map(|i| i * tokens).collect();
-        let xn = self.norm(h, cfg.hidden, &block.ln1, cfg.eps)?;
+        let xn = self.norm(&h, cfg.hidden, &block.ln1, cfg.eps)?;
         let k = self.target_linear(&xn, rows, &block.k, t(WeightType::K), ov)?;
         let v = self.target_linear(&xn, rows, &block.v, t(WeightType::V), ov)?;
         let q = self.target_linear(
@@ -565,23 +566,26 @@ impl<B: Backend> Clip<B> {
             head_dim: cfg.head_dim(),
         };
         let a = b.attention(&q, &k, &v, shape, &AttentionMask::default())?;
-        let mut cls = b.gather_rows(h, cfg.hidden, &cls_rows)?;
+        let mut cls = b.gather_rows(&h, cfg.hidden, &cls_rows)?;
         self.target_linear_add(&mut cls, &a, n, &block.o, t(WeightType::O), ov)?;
         self.mlp_residual(&mut cls, n, Tower::Visual, layer, ov)?;
         let cls = self.norm(&cls, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
         let embeds = self.target_linear(&cls, n, &self.vision.projection, proj, ov)?;
         let local = if local {
+            // The value path of every row, in the hidden states' own storage; then the patch
+            // rows of the projected features. The class rows' value path is computed and
+            // dropped (1/tokens of the work): cheaper than gathering the patch rows of the
+            // stream and of v, both hidden-wide, before it.
+            self.target_linear_add(&mut h, &v, rows, &block.o, t(WeightType::O), ov)?;
+            self.mlp_residual(&mut h, rows, Tower::Visual, layer, ov)?;
+            let val = self.norm(&h, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
+            drop(h);
+            let all = self.target_linear(&val, rows, &self.vision.projection, proj, ov)?;
             let patch_rows: Vec<usize> = (0..n)
                 .flat_map(|i| (1..tokens).map(move |j| i * tokens + j))
                 .collect();
-            let m = patch_rows.len();
-            let vp = b.gather_rows(&v, cfg.hidden, &patch_rows)?;
-            // The patches' residual rows (the stream's dtype) plus their value path.
-            let mut val = b.gather_rows(h, cfg.hidden, &patch_rows)?;
-            self.target_linear_add(&mut val, &vp, m, &block.o, t(WeightType::O), ov)?;
-            self.mlp_residual(&mut val, m, Tower::Visual, layer, ov)?;
-            let val = self.norm(&val, cfg.hidden, &self.vision.post_ln, cfg.eps)?;
-            Some(self.target_linear(&val, m, &self.vision.projection, proj, ov)?)
+            let dim = self.config.projection_dim;
+            Some(b.gather_rows(&all, dim, &patch_rows)?)
         } else {
             None
         };

@@ -508,7 +508,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// last vision block, on the backend.
     fn head_features(
         &self,
-        h: &B::Tensor,
+        h: B::Tensor,
         n: usize,
         ov: &Overrides<B>,
     ) -> Result<(B::Tensor, B::Tensor)> {
@@ -538,7 +538,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             bar.set_message(format!("image features {}/{}", r.end, self.data.len()));
             let n = r.len();
             let h = self.state_entering(ci, layers - 1, n)?;
-            chunks.push(self.head_features(&h, n, &ov)?);
+            chunks.push(self.head_features(h, n, &ov)?);
         }
         drop(ov);
         let f = Arc::new(ImageFeatureSet { chunks });
@@ -695,7 +695,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         }
                         self.model
                             .vision_layers(&mut hc, n, from..layers - 1, &ov)?;
-                        let (g, l) = self.head_features(&hc, n, &ov)?;
+                        let (g, l) = self.head_features(hc, n, &ov)?;
                         evals[ri].extend(self.eval_chunk(&g, &l, &text, &r)?);
                         bar.inc(1);
                     }

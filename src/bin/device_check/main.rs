@@ -350,7 +350,7 @@ mod check {
             let t = Instant::now();
             let mut h = model.vision_embed_tensor(&px, batch)?;
             model.vision_layers(&mut h, batch, 0..layers - 1, &none)?;
-            let f = model.vision_head_tensors(&h, batch, false, &none)?;
+            let f = model.vision_head_tensors(h, batch, false, &none)?;
             b.synchronize()?;
             drop(f);
             Ok(t.elapsed().as_secs_f64())

@@ -249,7 +249,7 @@ pub fn time_scoring(
         let mut h = model.vision_embed(px, n)?;
         let ov = Default::default();
         model.vision_layers(&mut h, n, 0..c.vision.tower.layers - 1, &ov)?;
-        let (mut g, l) = model.vision_head_tensors(&h, n, true, &ov)?;
+        let (mut g, l) = model.vision_head_tensors(h, n, true, &ov)?;
         let mut l = l.expect("local features");
         b.l2_normalize(&mut g, dim)?;
         b.l2_normalize(&mut l, dim)?;
