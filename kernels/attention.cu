@@ -3,8 +3,9 @@
 // warp owns 16 queries. Two forms: `flash_attention` (W = 4, 64 queries a block) and
 // `flash_attention_wide` (W = 8, 128 queries a block): every block streams all of its
 // sequence's keys and values, so the wide form reads them half as often (ViT-B/16's 197
-// queries: 2 blocks per head and image instead of 4; a text tower's 77: 1 instead of 2). Keys and values stream through shared memory 64 at a time, double-buffered
-// with cp.async (the next tile lands while this one is used); their fragments come out of
+// queries: 2 blocks per head and image instead of 4; a text tower's 77: 1 instead of 2).
+// Keys and values stream through shared memory 64 at a time, double-buffered with cp.async
+// (the next tile lands while this one is used); their fragments come out of
 // shared memory by ldmatrix (.trans for V). S = Q·Kᵀ and O += P·V run on the tensor cores
 // (mma.sync m16n8k16, f32 accumulation) with an online softmax in f32 registers, in base 2
 // (the scale folded with log2 e). Work past the last key and warps past the last query are
