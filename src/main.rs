@@ -75,9 +75,9 @@ enum Command {
         /// Output `.safetensors`.
         #[arg(long)]
         out: PathBuf,
-        /// Images per forward batch.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
+        /// Images per forward batch (default: 32 on the CPU, 256 on CUDA).
+        #[arg(long, value_parser = positive_batch)]
+        batch: Option<usize>,
     },
     /// Search low-rank settings on an ID validation split (an ImageFolder).
     Search {
@@ -164,9 +164,25 @@ struct ModelArgs {
     /// openai/clip-vit-base-patch16 from the Hugging Face hub cache, downloaded if online).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Images per forward batch.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
+    /// Images per forward batch (default: 32 on the CPU, 256 on CUDA).
+    #[arg(long, value_parser = positive_batch)]
+    batch: Option<usize>,
+}
+
+/// `--batch` is a count of images: zero would make no progress.
+fn positive_batch(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl ModelArgs {
+    /// `--batch`, or the backend's own default.
+    fn batch_for<B: Backend>(&self, backend: &B) -> usize {
+        self.batch.unwrap_or_else(|| backend.default_batch())
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -613,7 +629,7 @@ fn execute<B: Backend>(
                 images_dir: &images,
                 prompts_file: &prompts,
                 out: &out,
-                batch,
+                batch: batch.unwrap_or_else(|| model.backend.default_batch()),
                 progress,
             };
             let (n, t) = run_embed(&model, &tokenizer, &job)?;
@@ -636,7 +652,8 @@ fn execute<B: Backend>(
         } => {
             let labels = LabelSet::resolve(&labels)?;
             let l = load(&weights_path(&model.weights, progress)?, make()?)?;
-            let cfg = search.config(&labels, 100.0, model.batch)?;
+            let batch = model.batch_for(&l.model.backend);
+            let cfg = search.config(&labels, 100.0, batch)?;
             run_search(&l, &id_val, &labels, &cfg, &out, progress)?;
             Ok(())
         }
@@ -662,7 +679,7 @@ fn execute<B: Backend>(
                 &ood,
                 &labels,
                 &eval,
-                model.batch,
+                model.batch_for(&l.model.backend),
                 &out,
                 progress,
             )
@@ -702,7 +719,8 @@ fn execute<B: Backend>(
             }
             let labels = LabelSet::resolve(&labels)?;
             let l = load(&weights_path(&model.weights, progress)?, make()?)?;
-            let cfg = search.config(&labels, eval.temperature, model.batch)?;
+            let batch = model.batch_for(&l.model.backend);
+            let cfg = search.config(&labels, eval.temperature, batch)?;
             let settings = run_search(
                 &l,
                 &id.join("val"),
@@ -719,7 +737,7 @@ fn execute<B: Backend>(
                 &ood,
                 &labels,
                 &eval,
-                model.batch,
+                batch,
                 &out.join("eval"),
                 progress,
             )

@@ -294,3 +294,14 @@ fn device_and_dtype_flags_are_checked() {
         &["CUDA"],
     );
 }
+
+#[test]
+fn zero_batch_is_refused() {
+    let w = fixture_model();
+    let dir = tempfile::tempdir().unwrap();
+    let (images, prompts) = embed_inputs(dir.path());
+    let out = dir.path().join("out.safetensors");
+    let mut args = embed_args(s(&w), s(&images), s(&prompts), s(&out));
+    args.extend(["--batch", "0"]);
+    fails_with(&args, &["--batch", "at least 1"]);
+}

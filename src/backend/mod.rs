@@ -314,6 +314,12 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Images per forward batch when the user gives no `--batch`. Default (the CPU): 32, where
+    /// a larger batch is no faster and holds more memory.
+    fn default_batch(&self) -> usize {
+        32
+    }
+
     /// How the text tower groups prompts into batches. Default (the CPU): sorted by length,
     /// [`PROMPT_BUCKET`] at a time, the least padding.
     fn prompt_buckets(&self) -> BucketPlan {

@@ -1864,6 +1864,14 @@ impl Backend for CudaBackend {
         self.opts.svd
     }
 
+    /// 256: the batch every device figure was measured at (BENCHMARKS.md; the search's chunk
+    /// 250). At the CPU's 32, a ViT-B/16 layer's GEMMs have 6304 rows, about one wave of
+    /// tiles on an H200, and each op's launch weighs more. A search under `--max-memory`
+    /// lowers it to fit.
+    fn default_batch(&self) -> usize {
+        256
+    }
+
     fn prompt_buckets(&self) -> BucketPlan {
         self.opts.prompt_buckets
     }
