@@ -955,6 +955,41 @@ fn l2_normalize_matches_cpu() {
 }
 
 #[test]
+fn first_non_finite_matches_cpu() {
+    let mut rng = Rng::new("first non-finite");
+    for n in [1usize, 7, 1031, 300_007] {
+        let x = rng.vec(n, -2.0, 2.0);
+        // None; one at the end; several, the first not the first written.
+        let mut cases = vec![x.clone()];
+        let mut last = x.clone();
+        last[n - 1] = f32::NAN;
+        cases.push(last);
+        if n > 4 {
+            let mut many = x.clone();
+            for (i, v) in [
+                (n - 2, f32::NEG_INFINITY),
+                (n / 3, f32::INFINITY),
+                (n / 2, f32::NAN),
+            ] {
+                many[i] = v;
+            }
+            cases.push(many);
+        }
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            for case in &cases {
+                let xs = stored(dtype, case);
+                let want = CpuBackend::new().first_non_finite(&xs).unwrap();
+                let got = b.first_non_finite_index(&up(b, &xs)).unwrap();
+                assert_eq!(got, want, "first_non_finite {dtype}, n = {n}");
+            }
+        }
+    }
+}
+
+#[test]
 fn lowrank_correct_matches_cpu() {
     let mut rng = Rng::new("low-rank correction");
     let (rows, kmax, out_dim) = (29, 11, 23);

@@ -40,7 +40,16 @@ fn fixture_model() -> PathBuf {
 
 /// Copies the fixture model into `dir`, letting `edit` change its tensors first.
 fn edited_model(dir: &Path, edit: impl FnOnce(&mut Vec<(String, OwnedTensor)>)) -> PathBuf {
-    let src = WeightsFile::open(&fixture_model()).unwrap();
+    edited_copy(&fixture_model(), dir, edit)
+}
+
+/// Copies `model` (a fixture folder) into `dir` in f32, letting `edit` change its tensors.
+fn edited_copy(
+    model: &Path,
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, OwnedTensor)>),
+) -> PathBuf {
+    let src = WeightsFile::open(model).unwrap();
     let mut tensors: Vec<(String, OwnedTensor)> = src
         .tensors()
         .iter()
@@ -53,7 +62,13 @@ fn edited_model(dir: &Path, edit: impl FnOnce(&mut Vec<(String, OwnedTensor)>)) 
         })
         .collect();
     edit(&mut tensors);
-    std::fs::copy(fixture_model().join("config.json"), dir.join("config.json")).unwrap();
+    // Everything else the folder holds (config, tokenizer) as it is.
+    for e in std::fs::read_dir(model).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "safetensors") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
     let path = dir.join("model.safetensors");
     write_safetensors(&path, &tensors, Default::default()).unwrap();
     path
@@ -133,7 +148,9 @@ fn wrong_shape() {
 fn unsupported_dtype() {
     let dir = tempfile::tempdir().unwrap();
     let name = "text_projection.weight";
-    let path = edited_model(dir.path(), |t| {
+    // A model with the real vocabulary, which the ImageNet-style prompts need.
+    let model = fixtures().join("models/e2e_real_vocab_f16");
+    let path = edited_copy(&model, dir.path(), |t| {
         let e = t.iter_mut().find(|(n, _)| n == name).unwrap();
         e.1.dtype = safetensors::Dtype::I32;
     });
@@ -304,4 +321,41 @@ fn zero_batch_is_refused() {
     let mut args = embed_args(s(&w), s(&images), s(&prompts), s(&out));
     args.extend(["--batch", "0"]);
     fails_with(&args, &["--batch", "at least 1"]);
+}
+
+/// Finite weights whose text features overflow: the search stops with an error naming the
+/// text features (checked where they are made, on the backend), not a NaN loss.
+#[test]
+fn overflowing_text_features_stop_the_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "text_projection.weight";
+    // A model with the real vocabulary, which the ImageNet-style prompts need.
+    let model = fixtures().join("models/e2e_real_vocab_f16");
+    let path = edited_copy(&model, dir.path(), |t| {
+        let e = t.iter_mut().find(|(n, _)| n == name).unwrap();
+        for v in e.1.bytes.chunks_exact_mut(4) {
+            let x = f32::from_le_bytes(v.try_into().unwrap());
+            v.copy_from_slice(&(x.signum() * 3e38).to_le_bytes());
+        }
+    });
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, "cat\ncup\nperson\nrocket\n").unwrap();
+    let id_val = fixtures().join("search/id_val");
+    let out = dir.path().join("search");
+    fails_with(
+        &[
+            "search",
+            "--weights",
+            s(&path),
+            "--id-val",
+            s(&id_val),
+            "--labels",
+            s(&labels),
+            "--top-k",
+            "2",
+            "--out",
+            s(&out),
+        ],
+        &["text features hold a non-finite value", "prompt 0"],
+    );
 }

@@ -257,6 +257,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// The index of the first non-finite value (NaN or ±inf) of `x`, if any: one number
+    /// leaves the backend. Default: on the host.
+    fn first_non_finite(&self, x: &Self::Tensor) -> Result<Option<usize>> {
+        Ok(self.to_vec(x)?.iter().position(|v| !v.is_finite()))
+    }
+
     /// [`RowStats`] of each row of the logits `scale · x[rows, dim] · text[classes, dim]ᵀ`,
     /// row r against `labels[r / rows_per_label]`, `sum_exp_t` at `temperature`: what the
     /// loss and the scores need, without the logits leaving the backend. Default: the logits

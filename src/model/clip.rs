@@ -657,6 +657,18 @@ impl<B: Backend> Clip<B> {
         seq: usize,
         ov: &Overrides<B>,
     ) -> Result<Vec<f32>> {
+        self.backend
+            .to_vec(&self.text_head_tensor(h, ids, seq, ov)?)
+    }
+
+    /// [`Clip::text_head`], left on the backend: `[n, projection_dim]`.
+    pub fn text_head_tensor(
+        &self,
+        h: &B::Tensor,
+        ids: &[u32],
+        seq: usize,
+        ov: &Overrides<B>,
+    ) -> Result<B::Tensor> {
         let cfg = &self.config.text.tower;
         let b = &self.backend;
         let rows: Vec<usize> = self
@@ -672,7 +684,7 @@ impl<B: Backend> Clip<B> {
             weight: WeightType::P,
             layer: None,
         };
-        b.to_vec(&self.target_linear(&pooled, rows.len(), &self.text.projection, proj, ov)?)
+        self.target_linear(&pooled, rows.len(), &self.text.projection, proj, ov)
     }
 
     /// Text features of a padded batch of token ids `[n, seq]` with each row's real length.

@@ -84,13 +84,21 @@ impl PromptBuckets {
         self.buckets.iter().map(|b| b.lengths.len() * b.seq).sum()
     }
 
-    /// Puts per-bucket rows `[bucket rows, dim]` back in the original prompt order.
-    pub fn scatter(&self, per_bucket: &[Vec<f32>], dim: usize) -> Vec<f32> {
-        let mut out = vec![0.0; self.count * dim];
-        for (b, feats) in self.buckets.iter().zip(per_bucket) {
-            for (j, &r) in b.rows.iter().enumerate() {
-                out[r * dim..(r + 1) * dim].copy_from_slice(&feats[j * dim..(j + 1) * dim]);
+    /// Where each prompt's features lie when the buckets' outputs are concatenated in bucket
+    /// order, each bucket holding `copies` stacked candidates (candidate c's rows at
+    /// `c·n..(c+1)·n` of a bucket of n prompts): per candidate, the rows in the original
+    /// prompt order, for one `gather_rows`.
+    pub fn stacked_rows(&self, copies: usize) -> Vec<Vec<usize>> {
+        let mut out = vec![vec![0; self.count]; copies];
+        let mut offset = 0;
+        for b in &self.buckets {
+            let n = b.rows.len();
+            for (c, rows) in out.iter_mut().enumerate() {
+                for (j, &r) in b.rows.iter().enumerate() {
+                    rows[r] = offset + c * n + j;
+                }
             }
+            offset += copies * n;
         }
         out
     }
@@ -99,13 +107,46 @@ impl PromptBuckets {
 impl<B: Backend> Clip<B> {
     /// Text features of every prompt, in the original order.
     pub fn encode_prompts(&self, p: &PromptBuckets, ov: &Overrides<B>) -> Result<Vec<f32>> {
+        self.backend.to_vec(&self.encode_prompts_tensor(p, ov)?)
+    }
+
+    /// [`Clip::encode_prompts`], left on the backend: `[prompts, projection_dim]`.
+    pub fn encode_prompts_tensor(&self, p: &PromptBuckets, ov: &Overrides<B>) -> Result<B::Tensor> {
         let feats = p
             .buckets
             .iter()
-            .map(|b| self.encode_text_with(&b.ids, &b.lengths, b.seq, ov))
+            .map(|b| {
+                let mut h = self.text_embed(&b.ids, &b.lengths, b.seq)?;
+                let layers = 0..self.config.text.tower.layers;
+                self.text_layers(&mut h, &b.lengths, b.seq, layers, ov)?;
+                self.text_head_tensor(&h, &b.ids, b.seq, ov)
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(p.scatter(&feats, self.config.projection_dim))
+        let rows = p.stacked_rows(1).pop().expect("one copy");
+        in_prompt_order(&self.backend, feats, &rows, self.config.projection_dim)
     }
+}
+
+/// The rows of `parts`, one after another (no copy for a single part).
+pub fn joined<B: Backend>(b: &B, mut parts: Vec<B::Tensor>) -> Result<B::Tensor> {
+    match parts.len() {
+        1 => Ok(parts.pop().expect("one part")),
+        _ => b.concat_rows(&parts),
+    }
+}
+
+/// The rows `rows` of the concatenated `parts` (no gather when they are already in order).
+fn in_prompt_order<B: Backend>(
+    b: &B,
+    parts: Vec<B::Tensor>,
+    rows: &[usize],
+    dim: usize,
+) -> Result<B::Tensor> {
+    let all = joined(b, parts)?;
+    if rows.iter().enumerate().all(|(i, &r)| i == r) {
+        return Ok(all);
+    }
+    b.gather_rows(&all, dim, rows)
 }
 
 /// Bucket boundaries (0, …, n) every `rows` prompts.
@@ -198,6 +239,34 @@ mod tests {
         let sum: usize = lengths.iter().sum();
         assert_eq!(cost(&lengths, &balanced_cuts(&lengths, 0, 11), 0), sum);
         assert_eq!(balanced_cuts(&lengths, 1000, 11), vec![0, 11]);
+    }
+
+    #[test]
+    fn stacked_rows_find_each_candidates_prompts() {
+        let lengths = vec![4, 2, 7, 3, 2, 7, 5];
+        let batch = Batch {
+            ids: vec![1; lengths.len() * 8],
+            lengths: lengths.clone(),
+            seq_len: 8,
+        };
+        let p = PromptBuckets::new(&batch, BucketPlan::Fixed { rows: 3 });
+        assert!(p.buckets.len() > 1);
+        for copies in [1, 3] {
+            // The stacked layout itself: bucket by bucket, candidate by candidate, each row
+            // tagged (candidate, prompt).
+            let stacked: Vec<(usize, usize)> = p
+                .buckets
+                .iter()
+                .flat_map(|b| (0..copies).flat_map(move |c| b.rows.iter().map(move |&r| (c, r))))
+                .collect();
+            let rows = p.stacked_rows(copies);
+            assert_eq!(rows.len(), copies);
+            for (c, rows) in rows.iter().enumerate() {
+                let got: Vec<(usize, usize)> = rows.iter().map(|&i| stacked[i]).collect();
+                let want: Vec<(usize, usize)> = (0..lengths.len()).map(|r| (c, r)).collect();
+                assert_eq!(got, want, "{copies} copies");
+            }
+        }
     }
 
     #[test]

@@ -13,14 +13,16 @@
 //! re-runs both towers on everything.
 
 use super::background::{BackgroundSvds, TargetWeight};
-use super::evaluate::{eval_images, eval_on_backend, normalised, reduce, ImageEval, Outcome};
+use super::evaluate::{
+    eval_images, eval_on_backend, non_finite_text, normalised, reduce, ImageEval, Outcome,
+};
 use super::{memory, SearchConfig};
 use crate::backend::{AttentionMask, Backend, SvdSchedule};
 use crate::error::{Error, Result};
 use crate::lowrank::{Svd, Target, Tower, WeightType};
 use crate::model::clip::{text_mask, Linear};
 use crate::model::overrides::{DeltaMemo, LinearOverride, Overrides};
-use crate::model::prompts::PromptBuckets;
+use crate::model::prompts::{joined, PromptBuckets};
 use crate::model::Clip;
 use crate::weights::{F32Data, WeightsFile};
 use indicatif::ProgressBar;
@@ -497,11 +499,22 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         let t = self
             .model
-            .encode_prompts(&self.data.prompts, &self.base_overrides())?;
-        let t = normalised(t, self.model.config.projection_dim)?;
-        let t = Arc::new(self.model.backend.tensor(t)?);
+            .encode_prompts_tensor(&self.data.prompts, &self.base_overrides())?;
+        let t = Arc::new(self.normalised_text(t)?);
         self.text_cache = Some((self.text_version, t.clone()));
         Ok(t)
+    }
+
+    /// Text features L2-normalised and checked on the backend (one index comes back, not the
+    /// features).
+    fn normalised_text(&self, mut t: B::Tensor) -> Result<B::Tensor> {
+        let b = &self.model.backend;
+        let dim = self.model.config.projection_dim;
+        b.l2_normalize(&mut t, dim)?;
+        match b.first_non_finite(&t)? {
+            Some(i) => Err(non_finite_text(i, dim)),
+            None => Ok(t),
+        }
     }
 
     /// Normalised global and local features of a chunk from its hidden states before the
@@ -752,7 +765,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let order: Vec<usize> = (0..ranks.len()).collect();
                 for group in order.chunks(stack) {
                     let g = group.len();
-                    let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::new(); g];
+                    // Per bucket, the g candidates' features stacked, left on the backend.
+                    let mut feats = Vec::with_capacity(d.prompts.buckets.len());
                     for ((bk, h), memo) in d.prompts.buckets.iter().zip(&states).zip(&memos) {
                         let n = bk.lengths.len();
                         let ov_of = |ri: usize| {
@@ -804,16 +818,17 @@ impl<'a, B: Backend> Engine<'a, B> {
                             own_head = ov_of(group[0]);
                             &own_head
                         };
-                        let f = self
-                            .model
-                            .text_head(&hs, &bk.ids.repeat(g), bk.seq, head_ov)?;
-                        for (gi, c) in f.chunks_exact(n * dim).enumerate() {
-                            feats[gi].push(c.to_vec());
-                        }
+                        feats.push(self.model.text_head_tensor(
+                            &hs,
+                            &bk.ids.repeat(g),
+                            bk.seq,
+                            head_ov,
+                        )?);
                     }
-                    for (&ri, fs) in group.iter().zip(&feats) {
-                        let text = normalised(d.prompts.scatter(fs, dim), dim)?;
-                        let text = b.tensor(text)?;
+                    let rows = d.prompts.stacked_rows(g);
+                    let all = self.normalised_text(joined(b, feats)?)?;
+                    for (&ri, rows) in group.iter().zip(&rows) {
+                        let text = b.gather_rows(&all, dim, rows)?;
                         evals[ri] = self.eval_features(&features, &text, bar)?;
                     }
                 }

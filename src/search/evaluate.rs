@@ -254,6 +254,15 @@ pub fn eval_on_backend<B: Backend>(
         .collect())
 }
 
+/// Text features with a non-finite value at `index` (of `[prompts, dim]`, normalised).
+pub fn non_finite_text(index: usize, dim: usize) -> Error {
+    Error::invalid(format!(
+        "text features hold a non-finite value at index {index} (prompt {}, after L2 \
+         normalisation): the model produced NaN/inf or an all-zero feature",
+        index / dim.max(1)
+    ))
+}
+
 fn non_finite(image: usize) -> Error {
     Error::invalid(format!(
         "image features hold a non-finite value (image {image} of the chunk): the model produced NaN/inf"

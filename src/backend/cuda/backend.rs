@@ -723,6 +723,26 @@ impl CudaBackend {
         )
     }
 
+    /// The index of the first non-finite value of `x` (any dtype) by `first_non_finite`: one
+    /// 8-byte integer comes back (kernels/finite.cu).
+    pub fn first_non_finite_index(&self, x: &CudaTensor) -> Result<Option<usize>> {
+        let n = x.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        let first = self.dev.upload_indices(&[u64::MAX])?;
+        let name = format!("first_non_finite_{}", x.dtype().name());
+        self.kernels.launch(
+            &self.dev,
+            &name,
+            Launch::elementwise(n as u64),
+            &[Arg::Ptr(x.ptr()), Arg::I64(n as i64), Arg::Ptr(first.ptr())],
+        )?;
+        self.after(&name)?;
+        let got: Vec<u64> = self.dev.download_raw(&first, 1)?;
+        Ok((got[0] != u64::MAX).then_some(got[0] as usize))
+    }
+
     /// The masked softmax of attention, on its own: `scores` are f32 rows
     /// `[batch, heads, queries, ld]` (the first `seq` columns valid); returns the probabilities
     /// `[rows, seq]` after a round trip through the storage dtype. For tests and checks.
@@ -1730,6 +1750,10 @@ impl Backend for CudaBackend {
 
     fn l2_normalize(&self, x: &mut CudaTensor, dim: usize) -> Result<()> {
         self.profiled("l2 normalise", || self.l2_normalize_rows(x, dim))
+    }
+
+    fn first_non_finite(&self, x: &CudaTensor) -> Result<Option<usize>> {
+        self.profiled("finite check", || self.first_non_finite_index(x))
     }
 
     fn logit_row_stats(

@@ -101,6 +101,12 @@ pub const UNITS: &[Unit] = &[
         dtypes: ALL,
     },
     Unit {
+        name: "finite",
+        source: include_str!("../../../kernels/finite.cu"),
+        ops: &["first_non_finite"],
+        dtypes: ALL,
+    },
+    Unit {
         name: "l2norm",
         source: include_str!("../../../kernels/l2norm.cu"),
         ops: &["l2_normalize"],
