@@ -23,7 +23,8 @@
 # (search candidates by the shared-product correction y0 − (x·V)·SU, not their W'), +nostack
 # (a text step's candidates one after another, not stacked in one batch), +rowbuckets
 # (text batches of 128 prompts, the CPU's, instead of the device's few large ones), +att8 /
-# +att4 (the fused attention with 8 warps, 128 queries, a block / 4 and 64, the default)),
+# +att4 (the fused attention with 8 warps, 128 queries, a block / 4 and 64, the default),
+# +chunk<N> (search variants: N images a forward batch instead of 250)),
 # SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
 # The tree plus .device must stay under the device tool's 64 MiB; device-pack.sh packs every
@@ -45,7 +46,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused,bf16+att8}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+narrow+att8+sidesvd}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+chunk1000,bf16+narrow+att8+sidesvd}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}

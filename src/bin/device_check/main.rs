@@ -147,7 +147,8 @@ mod check {
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
     /// `+nostack` (a text step's candidates one after another, not stacked in one batch),
     /// `+att8` / `+att4` (the fused attention with 8 warps a block, 128 queries, or 4 and 64:
-    /// the default), e.g. `bf16+unfused`.
+    /// the default), `+chunk<N>` (search variants only: N images a forward batch instead of
+    /// `--search-chunk`; see [`chunk_for`]), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
         let dtype: DType = parts.next().unwrap_or_default().parse()?;
@@ -173,10 +174,20 @@ mod check {
                         rows: PROMPT_BUCKET,
                     }
                 }
+                other if chunk_of(other).is_some() => {}
                 other => return Err(Error::invalid(format!("{spec}: unknown variant {other}"))),
             }
         }
         Ok(o)
+    }
+
+    /// The search's images per forward batch a variant asks for (`+chunk500`), if any.
+    fn chunk_for(spec: &str) -> Option<usize> {
+        spec.split('+').skip(1).find_map(chunk_of)
+    }
+
+    fn chunk_of(flag: &str) -> Option<usize> {
+        flag.strip_prefix("chunk")?.parse().ok().filter(|&n| n > 0)
     }
 
     fn specs(list: &str) -> Result<Vec<String>> {
@@ -534,7 +545,7 @@ mod check {
             // As the CLI does before it reads the images.
             model.backend.warm_up_svds();
             let data = super::search::synthetic_data(&model, args.search_images, 1000, values)?;
-            let cfg = super::search::config(args.search_chunk);
+            let cfg = super::search::config(chunk_for(spec).unwrap_or(args.search_chunk));
             if !peer_written {
                 super::search::write_peer_data(&args.peer_dir, &model, &data, &cfg)?;
                 peer_written = true;
@@ -688,5 +699,21 @@ mod check {
             eprintln!("  {}: ERROR {e}", dir.display());
             json!({ "error": e.to_string() })
         })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn variants_parse() {
+            let o = options_for("bf16+narrow+chunk1000+att8").unwrap();
+            assert!(!o.wide_residual);
+            assert_eq!(o.attention_warps, 8);
+            assert_eq!(chunk_for("bf16+narrow+chunk1000+att8"), Some(1000));
+            assert_eq!(chunk_for("bf16+narrow"), None);
+            assert!(options_for("bf16+chunk0").is_err());
+            assert!(options_for("bf16+chunky").is_err());
+        }
     }
 }
