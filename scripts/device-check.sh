@@ -24,6 +24,7 @@
 # (a text step's candidates one after another, not stacked in one batch), +rowbuckets
 # (text batches of 128 prompts, the CPU's, instead of the device's few large ones), +att8 /
 # +att4 (the fused attention with 8 warps, 128 queries, a block / 4 and 64, the default),
+# +tune (each GEMM problem's fastest of cuBLASLt's first 8 algorithms, timed on first use),
 # +chunk<N> (search variants: N images a forward batch instead of 250)),
 # SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
@@ -45,8 +46,8 @@ BATCH=${BATCH:-256}
 REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
-DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused,bf16+att8}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+chunk1000,bf16+narrow+att8+sidesvd}
+DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused,bf16+att8,bf16+tune}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+chunk1000,bf16+narrow+att8+sidesvd+tune}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}

@@ -349,6 +349,65 @@ fn linear_matches_cpu() {
     }
 }
 
+/// With `gemm_tune`, each new problem times several cuBLASLt algorithms before its first real
+/// run: the results still match the CPU, and an accumulating GEMM (beta = 1) adds exactly once
+/// (its timing runs write a scratch buffer, not the residual stream).
+#[test]
+fn tuned_gemms_match_cpu() {
+    let mut rng = Rng::new("tuned gemm");
+    let cpu = CpuBackend::new();
+    for dtype in DType::ALL {
+        let Some(shared) = backend(dtype, GemmPath::Lt) else {
+            return;
+        };
+        let opts = CudaOptions {
+            gemm_tune: true,
+            ..shared.options()
+        };
+        let b = CudaBackend::with_options(0, opts).unwrap();
+        for (rows, out_dim, in_dim) in [(67, 45, 131), (300, 256, 192)] {
+            let x = stored(dtype, &rng.vec(rows * in_dim, -1.0, 1.0));
+            let wt = stored(dtype, &rng.vec(out_dim * in_dim, -0.5, 0.5));
+            let bias = stored(dtype, &rng.vec(out_dim, -1.0, 1.0));
+            let h0 = rng.vec(rows * out_dim, -3.0, 3.0);
+            let bias_w = w(bias.clone());
+            let y = cpu
+                .linear(&x, rows, &w(wt.clone()), Some(&bias_w), out_dim, in_dim)
+                .unwrap();
+            let (dx, dw, db) = (up(&b, &x), up(&b, &wt), up(&b, &bias));
+            let got = b
+                .linear(&dx, rows, &dw, Some(&db), out_dim, in_dim)
+                .unwrap();
+            let what = format!("tuned linear {rows}x{in_dim}→{out_dim}");
+            check(&what, dtype, &b.to_vec(&got).unwrap(), &y, tol(dtype));
+            let mut want = h0.clone();
+            cpu.add_assign(&mut want, &y).unwrap();
+            let mut h = b.tensor_f32(&h0).unwrap();
+            b.linear_add(&mut h, &dx, rows, &dw, Some(&db), out_dim, in_dim)
+                .unwrap();
+            let what = format!("tuned linear_add {rows}x{in_dim}→{out_dim}");
+            check(&what, dtype, &b.to_vec(&h).unwrap(), &want, tol(dtype));
+        }
+        let records = b.gemm_tune_records();
+        assert!(!records.is_empty(), "{dtype}: nothing was tuned");
+        assert!(
+            records.iter().any(|r| r.beta == 1.0),
+            "{dtype}: no accumulating GEMM tuned"
+        );
+        for r in &records {
+            assert!(
+                r.micros[r.chosen].is_some(),
+                "{dtype}: kept a failed algorithm: {r:?}"
+            );
+        }
+        println!(
+            "{dtype}: {} problems tuned, {} away from the heuristic's first",
+            records.len(),
+            records.iter().filter(|r| r.chosen != 0).count()
+        );
+    }
+}
+
 /// `cpu::layer_norm_into` in f64. With the test's common offset of 30, the f32 twin's own
 /// sequential sums are off: over 300 random 3×1030 draws its relative error against this was
 /// 9.4e-6 (median) to 2.6e-5 (worst), above the f32 tolerance of 2e-5 (the H200's check

@@ -87,6 +87,10 @@ pub struct CudaOptions {
     /// 128 queries a block: each block streams all of its sequence's keys and values, so 8
     /// warps read them half as often; not yet timed).
     pub attention_warps: u32,
+    /// Time cuBLASLt's first 8 algorithms on each new GEMM problem and keep the fastest
+    /// (`SETAR_CUDA_GEMM_TUNE=1`; gemm/tune.rs), instead of its heuristic's first. Off by
+    /// default: not yet timed, and the pick may differ between processes.
+    pub gemm_tune: bool,
 }
 
 /// The text batches' fixed cost in tokens for [`BucketPlan::Balanced`]: a layer of a batch is
@@ -135,6 +139,7 @@ impl CudaOptions {
             ),
             stack_text: env_choice("SETAR_CUDA_TEXT_STACK", &[("1", true), ("0", false)]),
             attention_warps: env_choice("SETAR_CUDA_ATTENTION_WARPS", &[("4", 4), ("8", 8)]),
+            gemm_tune: env_choice("SETAR_CUDA_GEMM_TUNE", &[("0", false), ("1", true)]),
         }
     }
 }
@@ -290,7 +295,7 @@ impl CudaBackend {
         let built = catch_unwind(AssertUnwindSafe(|| -> Result<CudaBackend> {
             let dev = Device::open(ordinal, opts.poison)?.with_memory_limit(opts.max_memory);
             let kernels = Kernels::load(&dev)?;
-            let gemm = Gemm::new(&dev, opts.gemm)?;
+            let gemm = Gemm::new(&dev, opts.gemm, opts.gemm_tune)?;
             let mut backend = CudaBackend {
                 gemm,
                 kernels,
@@ -924,6 +929,11 @@ impl CudaBackend {
                 Arg::Ptr(lengths.as_ref().map_or(0, |l| l.ptr())),
             ],
         )
+    }
+
+    /// The GEMM problems tuned so far (with `CudaOptions::gemm_tune`) and their timings.
+    pub fn gemm_tune_records(&self) -> Vec<super::gemm::TuneRecord> {
+        self.gemm.tune_records()
     }
 
     /// Device TFLOP/s of the Linear GEMM `[n, k] · [m, k]ᵀ` in this backend's dtype and GEMM

@@ -17,6 +17,9 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::Mutex;
 
+mod tune;
+pub use tune::TuneRecord;
+
 /// Which library runs [`Gemm::linear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum GemmPath {
@@ -139,6 +142,11 @@ struct Handles {
     plans: HashMap<PlanKey, Plan>,
     /// Problems cuBLASLt has no algorithm for (asked once; then straight to cuBLAS).
     no_plan: HashSet<PlanKey>,
+    /// Time cuBLASLt's first few algorithms on each new problem and keep the fastest
+    /// (`CudaOptions::gemm_tune`), instead of the heuristic's first.
+    tune: bool,
+    /// What tuning found, one record per problem tuned.
+    tuned: Vec<TuneRecord>,
 }
 
 // SAFETY: the handles are only used under the Mutex in `Gemm`, with the context bound.
@@ -165,7 +173,7 @@ pub struct Gemm {
 const WORKSPACE: usize = 32 << 20;
 
 impl Gemm {
-    pub fn new(dev: &Device, path: GemmPath) -> Result<Gemm> {
+    pub fn new(dev: &Device, path: GemmPath, tune: bool) -> Result<Gemm> {
         super::device::require_blas()?;
         dev.bind()?;
         let blas = blas_result::create_handle().map_err(|e| blas_err("create", e))?;
@@ -194,6 +202,8 @@ impl Gemm {
             workspace,
             plans: HashMap::new(),
             no_plan: HashSet::new(),
+            tune,
+            tuned: Vec::new(),
         };
         // SAFETY: valid handle and stream of this context.
         unsafe { blas_result::set_stream(handles.blas, dev.stream().cu_stream() as _) }
@@ -206,6 +216,11 @@ impl Gemm {
 
     pub fn path(&self) -> GemmPath {
         self.path
+    }
+
+    /// The problems tuned so far and what was measured (empty unless tuning is on).
+    pub fn tune_records(&self) -> Vec<TuneRecord> {
+        self.lock().tuned.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Handles> {
@@ -403,9 +418,18 @@ fn lt_linear(
             "cuBLASLt has no algorithm for {m}x{n}x{k} {dtype}→{out_type}"
         )));
     }
-    if !h.plans.contains_key(&key) {
-        match make_plan(h, &key) {
-            Ok(plan) => {
+    let new_plan = !h.plans.contains_key(&key);
+    if new_plan {
+        let count = if h.tune { tune::CANDIDATES } else { 1 };
+        match make_plan(h, &key, count) {
+            Ok((plan, candidates)) => {
+                if let Some(b) = bias {
+                    set_bias(&plan, b)?;
+                }
+                let plan = match h.tune && candidates.len() > 1 {
+                    true => tune::fastest(h, dev, plan, &key, &candidates, (w, x, out), beta)?,
+                    false => plan,
+                };
                 h.plans.insert(key, plan);
             }
             Err(e) => {
@@ -418,17 +442,34 @@ fn lt_linear(
         .plans
         .get(&key)
         .ok_or_else(|| Error::invalid("cuBLASLt plan cache"))?;
-    if let Some(b) = bias {
-        set_desc(
-            plan.desc,
-            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-            &b,
-        )?;
+    if let (Some(b), false) = (bias, new_plan) {
+        set_bias(plan, b)?;
     }
+    run_plan(h, dev, plan, &plan.algo, (w, x, out), beta)
+        .map_err(|e| lt_err(&format!("matmul {m}x{n}x{k} {dtype}→{out_type}"), e))
+}
+
+fn set_bias(plan: &Plan, bias: u64) -> Result<()> {
+    set_desc(
+        plan.desc,
+        lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+        &bias,
+    )
+}
+
+/// `out = w'ᵀ·x' (+ bias) + beta·out` by `plan` with `algo`, on the device's stream.
+fn run_plan(
+    h: &Handles,
+    dev: &Device,
+    plan: &Plan,
+    algo: &lt_sys::cublasLtMatmulAlgo_t,
+    (w, x, out): (u64, u64, u64),
+    beta: f32,
+) -> std::result::Result<(), lt_result::CublasError> {
     let alpha = 1.0f32;
     // SAFETY: the plan describes exactly these buffers' shapes; C and D are the same memory
     // with the same layout (in place, as cuBLASLt allows); the workspace belongs to this
-    // handle set.
+    // handle set; `algo` came from the heuristic for this plan.
     unsafe {
         lt_result::matmul(
             h.lt,
@@ -443,13 +484,12 @@ fn lt_linear(
             plan.c,
             out as *mut c_void,
             plan.c,
-            &plan.algo,
+            algo,
             h.workspace.ptr() as *mut c_void,
             WORKSPACE,
             dev.stream().cu_stream() as _,
         )
     }
-    .map_err(|e| lt_err(&format!("matmul {m}x{n}x{k} {dtype}→{out_type}"), e))
 }
 
 fn set_desc<T>(
@@ -469,7 +509,13 @@ fn set_desc<T>(
     .map_err(|e| lt_err(&format!("{attr:?}"), e))
 }
 
-fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
+/// The plan for `key` with the heuristic's first algorithm, and its first `count` algorithms
+/// (those that fit the workspace).
+fn make_plan(
+    h: &Handles,
+    key: &PlanKey,
+    count: usize,
+) -> Result<(Plan, Vec<lt_sys::cublasLtMatmulHeuristicResult_t>)> {
     use lt_sys::cublasLtMatmulDescAttributes_t as D;
     use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
     let (t, out) = (lt_type(key.dtype), lt_type(key.out));
@@ -529,12 +575,7 @@ fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
             set(attr, &a as *const u32 as *const c_void, 4)?;
         }
         // SAFETY: all handles are valid and describe one consistent problem.
-        unsafe {
-            lt_result::get_matmul_algo_heuristic(
-                h.lt, plan.desc, plan.a, plan.b, plan.c, plan.c, pref,
-            )
-        }
-        .map_err(|e| {
+        unsafe { heuristics(h, &plan, pref, count) }.map_err(|e| {
             lt_err(
                 &format!(
                     "no algorithm for {}x{}x{} {}→{} (bias {})",
@@ -546,13 +587,49 @@ fn make_plan(h: &Handles, key: &PlanKey) -> Result<Plan> {
     })();
     // SAFETY: created above, destroyed once.
     let _ = unsafe { lt_result::destroy_matmul_pref(pref) };
-    let heuristic = chosen?;
-    if heuristic.workspaceSize > WORKSPACE {
-        return Err(Error::invalid(format!(
-            "cuBLASLt wants a {} byte workspace",
-            heuristic.workspaceSize
-        )));
+    let candidates = chosen?;
+    plan.algo = candidates[0].algo;
+    Ok((plan, candidates))
+}
+
+/// cuBLASLt's first `count` algorithms for `plan`, best first by its heuristic, without
+/// those that failed or want more than our workspace; an error when none is left.
+///
+/// # Safety
+/// `plan` and `pref` must be valid handles describing one problem.
+unsafe fn heuristics(
+    h: &Handles,
+    plan: &Plan,
+    pref: lt_sys::cublasLtMatmulPreference_t,
+    count: usize,
+) -> std::result::Result<Vec<lt_sys::cublasLtMatmulHeuristicResult_t>, lt_result::CublasError> {
+    // SAFETY: a plain C struct, all zeroes a valid value; cuBLASLt fills `got` of them.
+    let mut out =
+        vec![unsafe { std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>() }; count];
+    let mut got = 0i32;
+    unsafe {
+        lt_sys::cublasLtMatmulAlgoGetHeuristic(
+            h.lt,
+            plan.desc,
+            plan.a,
+            plan.b,
+            plan.c,
+            plan.c,
+            pref,
+            count as i32,
+            out.as_mut_ptr(),
+            &mut got,
+        )
     }
-    plan.algo = heuristic.algo;
-    Ok(plan)
+    .result()?;
+    out.truncate(got.max(0) as usize);
+    out.retain(|r| {
+        r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE
+    });
+    if out.is_empty() {
+        return Err(lt_result::CublasError(
+            lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+        ));
+    }
+    Ok(out)
 }

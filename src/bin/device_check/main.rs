@@ -147,7 +147,8 @@ mod check {
     /// `+deltacand` (search candidates by the shared-product correction, not by their W'),
     /// `+nostack` (a text step's candidates one after another, not stacked in one batch),
     /// `+att8` / `+att4` (the fused attention with 8 warps a block, 128 queries, or 4 and 64:
-    /// the default), `+chunk<N>` (search variants only: N images a forward batch instead of
+    /// the default), `+tune` (each GEMM problem's fastest of cuBLASLt's first 8 algorithms,
+    /// timed, instead of its heuristic's first), `+chunk<N>` (search variants only: N images a forward batch instead of
     /// `--search-chunk`; see [`chunk_for`]), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
@@ -167,6 +168,7 @@ mod check {
                 "nostack" => o.stack_text = false,
                 "att8" => o.attention_warps = 8,
                 "att4" => o.attention_warps = 4,
+                "tune" => o.gemm_tune = true,
                 "eigseq" => o.eig = EigPath::Sequential,
                 "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
@@ -400,6 +402,7 @@ mod check {
         };
         let res = json!({
             "profile": profile,
+            "gemm_tuning": tuning_summary(b),
             "backend": b.name(),
             "attention_note": b.attention_note(),
             "batch": batch,
@@ -577,6 +580,7 @@ mod check {
                 "search".into(),
                 timed.unwrap_or_else(|e| json!({ "error": e.to_string() })),
             );
+            r.insert("gemm_tuning".into(), tuning_summary(&model.backend));
             r.insert(
                 "scoring".into(),
                 super::search::time_scoring(&model, &data, args.score_images, 500)
@@ -692,6 +696,36 @@ mod check {
             "clip_l14_2GiB_chunk256": tight,
             "device_usable_after": after.is_ok(),
         }))
+    }
+
+    /// With `+tune`: per problem tuned, the heuristic's first algorithm against the one kept
+    /// (µs per run), and the sum over problems; null without tuning.
+    pub fn tuning_summary(b: &CudaBackend) -> Value {
+        let records = b.gemm_tune_records();
+        if records.is_empty() {
+            return Value::Null;
+        }
+        let (mut first, mut kept) = (0.0, 0.0);
+        let problems: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let f = r.micros.first().copied().flatten().unwrap_or(f64::NAN);
+                let k = r.micros[r.chosen].unwrap_or(f64::NAN);
+                first += f;
+                kept += k;
+                json!({
+                    "mnk": [r.m, r.n, r.k], "dtype": r.dtype, "out": r.out, "beta": r.beta,
+                    "first_us": f, "kept_us": k, "chosen": r.chosen, "micros": r.micros,
+                })
+            })
+            .collect();
+        json!({
+            "problems": records.len(),
+            "changed": records.iter().filter(|r| r.chosen != 0).count(),
+            "first_us_sum": first,
+            "kept_us_sum": kept,
+            "each": problems,
+        })
     }
 
     fn parity_or_error(dir: &Path, dtypes: &[String], images: usize, texts: usize) -> Value {
