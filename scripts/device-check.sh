@@ -189,6 +189,13 @@ for d in tower:
     prof = tower.get(d, {}).get("profile")
     if prof:
         L.append(f"{d} op profile (one batch, synchronised per op): " + ", ".join(f"{p['op']} {p['ms']:.1f} ms x{p['calls']}" for p in prof))
+def tuning_line(d, t):
+    return (f"{d} GEMM tuning: {t['problems']} problems, {t['changed']} away from the heuristic's first; "
+            f"one run of each: {t['first_us_sum'] / 1e3:.2f} ms by the heuristic's picks, {t['kept_us_sum'] / 1e3:.2f} ms by the kept ones")
+for d in tower:
+    t = (tower.get(d) or {}).get("gemm_tuning")
+    if t:
+        L.append(tuning_line(d, t))
 g_ours, g_torch = ours.get("gemm_bf16_8192_tflops"), hf.get("gemm_bf16_8192_tflops")
 L += ["", f"bf16 GEMM 8192³: torch.matmul {g_torch if not isinstance(g_torch, float) else round(g_torch)} TFLOP/s, "
       f"our cuBLASLt path {g_ours if not isinstance(g_ours, float) else round(g_ours)} TFLOP/s."]
@@ -234,6 +241,8 @@ for d, r in search.items():
                      + ", ".join(f"{o['op']} {o['ms']:.1f} ms x{o['calls']}" for o in st["ops"]))
         elif name == "error" or (isinstance(st, dict) and "error" in st):
             L.append(f"- {d} step profile: ERROR {st if name == 'error' else st['error']}")
+    if r.get("gemm_tuning"):
+        L.append("- " + tuning_line(d, r["gemm_tuning"]))
     sc = r.get("scoring", {})
     if "img_per_s" in sc:
         L.append(f"- scoring (tower + local features + MCM & GL-MCM), {d}: {sc['images']} images in {sc['seconds']:.2f} s = {sc['img_per_s']:.0f} img/s")
