@@ -30,14 +30,95 @@ __device__ __forceinline__ int warp_sum_i(int v) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
-    row_stats_f32(const float* logits, const int* labels, int rows_per_label, int rows,
-                  int classes, float inv_t, double* out) {
-    int row = blockIdx.x * SETAR_ROWS_PER_BLOCK + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const float* x = logits + (long long)row * classes;
-    int label = labels[row / rows_per_label];
+// Writes row `row`'s five statistics (lane 0), from the warp's reduced values.
+__device__ __forceinline__ void write_stats(double* out, int row, int arg, float m, double s,
+                                            float xl, int rank, double h, double st) {
+    double* o = out + (long long)row * 5;
+    o[0] = (double)arg;
+    o[1] = (double)m + log(s) - (double)xl;
+    o[2] = (double)rank;
+    o[3] = -h;
+    o[4] = st;
+}
+
+// Max with its first index across the warp (ties to the lower index, as torch.argmax).
+__device__ __forceinline__ void warp_argmax(float& m, int& arg) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float om = __shfl_xor_sync(0xffffffffu, m, o);
+        int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+        if (om > m || (om == m && oa < arg)) {
+            m = om;
+            arg = oa;
+        }
+    }
+}
+
+// A row of at most 32·V classes, held in registers: one read of the logits, one exp per value.
+// Lane `lane` holds classes lane, lane + 32, … in order, so every sum adds the same terms in
+// the same order as the streaming version below: the results are the same bits.
+template <int V>
+__device__ __forceinline__ void row_stats_in_registers(const float* x, int classes, int label,
+                                                       float inv_t, int lane, double* out,
+                                                       int row) {
+    float v[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        int c = lane + 32 * i;
+        v[i] = c < classes ? x[c] : 0.f;
+    }
+    float xl = x[label];
+    int kl = total_key(xl);
+    float m = -__int_as_float(0x7f800000);
+    int arg = 0x7fffffff;
+    int rank = 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        int c = lane + 32 * i;
+        if (c < classes) {
+            if (v[i] > m || (v[i] == m && c < arg)) {
+                m = v[i];
+                arg = c;
+            }
+            int k = total_key(v[i]);
+            rank += (c < label) ? (k >= kl) : (c > label && k > kl);
+        }
+    }
+    warp_argmax(m, arg);
+    rank = warp_sum_i(rank);
+
+    double s = 0.0, st = 0.0;
+    const bool t1 = inv_t == 1.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        if (lane + 32 * i < classes) {
+            float d = v[i] - m;
+            float e = expf(d);
+            s += (double)e;
+            st += (double)(t1 ? e : expf(d * inv_t));
+            v[i] = e;  // kept for the entropy
+        }
+    }
+    s = warp_sum_d(s);
+    st = warp_sum_d(st);
+
+    float inv = (float)(1.0 / s);
+    double h = 0.0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        if (lane + 32 * i < classes) {
+            float p = v[i] * inv;
+            h += (double)(p * logf(p + 1e-5f));
+        }
+    }
+    h = warp_sum_d(h);
+    if (lane == 0) write_stats(out, row, arg, m, s, xl, rank, h, st);
+}
+
+// Any number of classes: three passes over the row (from the caches after the first).
+__device__ __forceinline__ void row_stats_streaming(const float* x, int classes, int label,
+                                                    float inv_t, int lane, double* out,
+                                                    int row) {
     float xl = x[label];
     int kl = total_key(xl);
 
@@ -54,15 +135,7 @@ extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
         int k = total_key(v);
         rank += (c < label) ? (k >= kl) : (c > label && k > kl);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float om = __shfl_xor_sync(0xffffffffu, m, o);
-        int oa = __shfl_xor_sync(0xffffffffu, arg, o);
-        if (om > m || (om == m && oa < arg)) {
-            m = om;
-            arg = oa;
-        }
-    }
+    warp_argmax(m, arg);
     rank = warp_sum_i(rank);
 
     // Pass 2: Σ exp(x − m) and Σ exp((x − m)/T) (the same terms at T = 1, the loss's case).
@@ -85,15 +158,26 @@ extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
         h += (double)(p * logf(p + 1e-5f));
     }
     h = warp_sum_d(h);
+    if (lane == 0) write_stats(out, row, arg, m, s, xl, rank, h, st);
+}
 
-    if (lane == 0) {
-        double* o = out + (long long)row * 5;
-        o[0] = (double)arg;
-        o[1] = (double)m + log(s) - (double)xl;
-        o[2] = (double)rank;
-        o[3] = -h;
-        o[4] = st;
-    }
+// One warp per row; rows of up to 1024 classes (ImageNet's 1000) in registers.
+extern "C" __global__ void __launch_bounds__(SETAR_BLOCK)
+    row_stats_f32(const float* logits, const int* labels, int rows_per_label, int rows,
+                  int classes, float inv_t, double* out) {
+    int row = blockIdx.x * SETAR_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* x = logits + (long long)row * classes;
+    int label = labels[row / rows_per_label];
+    if (classes <= 32 * 8)
+        row_stats_in_registers<8>(x, classes, label, inv_t, lane, out, row);
+    else if (classes <= 32 * 16)
+        row_stats_in_registers<16>(x, classes, label, inv_t, lane, out, row);
+    else if (classes <= 32 * 32)
+        row_stats_in_registers<32>(x, classes, label, inv_t, lane, out, row);
+    else
+        row_stats_streaming(x, classes, label, inv_t, lane, out, row);
 }
 
 // Per image i of `images`, over its `patches` rows of `stats` (row_stats_f32's output, rows of

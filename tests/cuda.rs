@@ -1097,110 +1097,132 @@ fn lowrank_correct_matches_cpu() {
 #[test]
 fn logit_row_stats_match_cpu() {
     let mut rng = Rng::new("row stats");
-    let (classes, groups, per) = (301, 7, 13);
-    let rows = groups * per;
-    let mut x = rng.vec(rows * classes, -5.0, 5.0);
-    let labels: Vec<usize> = (0..groups).map(|_| rng.below(classes)).collect();
-    for r in (0..rows).step_by(3) {
-        let l = labels[r / per];
-        let v = x[r * classes + l];
-        for _ in 0..2 {
-            let c = rng.below(classes);
-            x[r * classes + c] = v;
+    let (groups, per) = (7, 13);
+    // Each of the kernel's paths: rows in registers of 8, 16 and 32 values a lane (200, 301
+    // and ImageNet's 1000 classes), and streamed past 1024 classes (1030).
+    for classes in [301, 200, 1000, 1030] {
+        let rows = groups * per;
+        let mut x = rng.vec(rows * classes, -5.0, 5.0);
+        let labels: Vec<usize> = (0..groups).map(|_| rng.below(classes)).collect();
+        for r in (0..rows).step_by(3) {
+            let l = labels[r / per];
+            let v = x[r * classes + l];
+            for _ in 0..2 {
+                let c = rng.below(classes);
+                x[r * classes + c] = v;
+            }
         }
-    }
-    let eye: Vec<f32> = (0..classes * classes)
-        .map(|i| if i / classes == i % classes { 1.0 } else { 0.0 })
-        .collect();
-    let cpu = CpuBackend::new();
-    for dtype in DType::ALL {
-        let Some(b) = backend(dtype, GemmPath::Auto) else {
-            return;
-        };
-        let xs = stored(dtype, &x);
-        // T = 1 (the loss's case) shares the kernel's exponentials between the two sums.
-        for (rpl, labels, t) in [
-            (per, labels.clone(), 0.7),
-            (1, (0..rows).map(|r| labels[r / per]).collect(), 0.7),
-            (per, labels.clone(), 1.0),
-        ] {
+        let eye: Vec<f32> = (0..classes * classes)
+            .map(|i| if i / classes == i % classes { 1.0 } else { 0.0 })
+            .collect();
+        let cpu = CpuBackend::new();
+        for dtype in DType::ALL {
+            let Some(b) = backend(dtype, GemmPath::Auto) else {
+                return;
+            };
+            let xs = stored(dtype, &x);
+            // T = 1 (the loss's case) shares the kernel's exponentials between the two sums.
+            for (rpl, labels, t) in [
+                (per, labels.clone(), 0.7),
+                (1, (0..rows).map(|r| labels[r / per]).collect(), 0.7),
+                (per, labels.clone(), 1.0),
+            ] {
+                let want = cpu
+                    .logit_row_stats(&xs, &eye, classes, 1.7, &labels, rpl, t)
+                    .unwrap();
+                let got = b
+                    .logit_row_stats(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, rpl, t)
+                    .unwrap();
+                assert_eq!(got.len(), rows);
+                for (i, (g, c)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.argmax, c.argmax,
+                        "{dtype} {classes} classes, row {i}: argmax"
+                    );
+                    assert_eq!(
+                        g.label_rank, c.label_rank,
+                        "{dtype} {classes} classes, row {i}: label rank"
+                    );
+                }
+                for (what, f) in [
+                    (
+                        "cross-entropy",
+                        (|s: &setar_engine::backend::RowStats| s.cross_entropy) as fn(&_) -> f64,
+                    ),
+                    ("entropy", |s| s.entropy),
+                    ("sum exp / T", |s| s.sum_exp_t),
+                ] {
+                    let (g, c): (Vec<f32>, Vec<f32>) = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, c)| (f(g) as f32, f(c) as f32))
+                        .unzip();
+                    check(
+                        &format!("row stats {what} ({classes} classes, rows per label {rpl})"),
+                        dtype,
+                        &g,
+                        &c,
+                        1e-5,
+                    );
+                }
+            }
+            // Per image: the OOD patches' entropy sums and counts (`ood_sums_f32`), K = 40.
             let want = cpu
-                .logit_row_stats(&xs, &eye, classes, 1.7, &labels, rpl, t)
+                .logit_ood_sums(&xs, &eye, classes, 1.7, &labels, per, 40)
                 .unwrap();
             let got = b
-                .logit_row_stats(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, rpl, t)
+                .logit_ood_sums(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, per, 40)
                 .unwrap();
-            assert_eq!(got.len(), rows);
+            assert_eq!(got.len(), groups);
             for (i, (g, c)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.argmax, c.argmax, "{dtype} row {i}: argmax");
-                assert_eq!(g.label_rank, c.label_rank, "{dtype} row {i}: label rank");
-            }
-            for (what, f) in [
-                (
-                    "cross-entropy",
-                    (|s: &setar_engine::backend::RowStats| s.cross_entropy) as fn(&_) -> f64,
-                ),
-                ("entropy", |s| s.entropy),
-                ("sum exp / T", |s| s.sum_exp_t),
-            ] {
-                let (g, c): (Vec<f32>, Vec<f32>) = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, c)| (f(g) as f32, f(c) as f32))
-                    .unzip();
-                check(
-                    &format!("row stats {what} (rows per label {rpl})"),
-                    dtype,
-                    &g,
-                    &c,
-                    1e-5,
+                assert_eq!(
+                    g.ood_patches, c.ood_patches,
+                    "{dtype} {classes} classes, image {i}: OOD patches"
                 );
+                assert_eq!(g.non_finite, 0, "{dtype} image {i}: non-finite rows");
             }
-        }
-        // Per image: the OOD patches' entropy sums and counts (`ood_sums_f32`), K = 40.
-        let want = cpu
-            .logit_ood_sums(&xs, &eye, classes, 1.7, &labels, per, 40)
-            .unwrap();
-        let got = b
-            .logit_ood_sums(&up(b, &xs), &up(b, &eye), classes, 1.7, &labels, per, 40)
-            .unwrap();
-        assert_eq!(got.len(), groups);
-        for (i, (g, c)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(
-                g.ood_patches, c.ood_patches,
-                "{dtype} image {i}: OOD patches"
+            let (g, c): (Vec<f32>, Vec<f32>) = got
+                .iter()
+                .zip(&want)
+                .map(|(g, c)| (g.entropy_sum as f32, c.entropy_sum as f32))
+                .unzip();
+            check(
+                &format!("OOD entropy sums, {classes} classes"),
+                dtype,
+                &g,
+                &c,
+                1e-5,
             );
-            assert_eq!(g.non_finite, 0, "{dtype} image {i}: non-finite rows");
+            // Normalised features against normalised text: the GEMMs round differently, so the
+            // sums are compared (ranks may flip on near-ties).
+            let dim = 37;
+            let mut f = rng.vec(rows * dim, -1.0, 1.0);
+            let mut t = rng.vec(classes * dim, -1.0, 1.0);
+            l2_normalize_rows(&mut f, dim);
+            l2_normalize_rows(&mut t, dim);
+            let (fs, ts) = (stored(dtype, &f), stored(dtype, &t));
+            let want = cpu
+                .logit_row_stats(&fs, &ts, dim, 100.0, &labels, per, 1.0)
+                .unwrap();
+            let got = b
+                .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 100.0, &labels, per, 1.0)
+                .unwrap();
+            let (g, c): (Vec<f32>, Vec<f32>) = got
+                .iter()
+                .zip(&want)
+                .map(|(g, c)| (g.cross_entropy as f32, c.cross_entropy as f32))
+                .unzip();
+            check(
+                &format!("row stats cross-entropy, GEMM, {classes} classes"),
+                dtype,
+                &g,
+                &c,
+                tol(dtype),
+            );
+            assert!(b
+                .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 1.0, &labels[1..], per, 1.0)
+                .is_err());
         }
-        let (g, c): (Vec<f32>, Vec<f32>) = got
-            .iter()
-            .zip(&want)
-            .map(|(g, c)| (g.entropy_sum as f32, c.entropy_sum as f32))
-            .unzip();
-        check("OOD entropy sums", dtype, &g, &c, 1e-5);
-        // Normalised features against normalised text: the GEMMs round differently, so the
-        // sums are compared (ranks may flip on near-ties).
-        let dim = 37;
-        let mut f = rng.vec(rows * dim, -1.0, 1.0);
-        let mut t = rng.vec(classes * dim, -1.0, 1.0);
-        l2_normalize_rows(&mut f, dim);
-        l2_normalize_rows(&mut t, dim);
-        let (fs, ts) = (stored(dtype, &f), stored(dtype, &t));
-        let want = cpu
-            .logit_row_stats(&fs, &ts, dim, 100.0, &labels, per, 1.0)
-            .unwrap();
-        let got = b
-            .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 100.0, &labels, per, 1.0)
-            .unwrap();
-        let (g, c): (Vec<f32>, Vec<f32>) = got
-            .iter()
-            .zip(&want)
-            .map(|(g, c)| (g.cross_entropy as f32, c.cross_entropy as f32))
-            .unzip();
-        check("row stats cross-entropy, GEMM", dtype, &g, &c, tol(dtype));
-        assert!(b
-            .logit_row_stats(&up(b, &fs), &up(b, &ts), dim, 1.0, &labels[1..], per, 1.0)
-            .is_err());
     }
 }
 
