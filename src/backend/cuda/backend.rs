@@ -1899,9 +1899,9 @@ impl Backend for CudaBackend {
     }
 
     /// 256: the batch every device figure was measured at (BENCHMARKS.md; the search's chunk
-    /// 250). At the CPU's 32, a ViT-B/16 layer's GEMMs have 6304 rows, about one wave of
-    /// tiles on an H200, and each op's launch weighs more. A search under `--max-memory`
-    /// lowers it to fit.
+    /// 250). At the CPU's 32 (not timed on a GPU), a ViT-B/16 layer's GEMMs have 6304 rows,
+    /// a few waves of tiles, so the last wave's idle multiprocessors and each op's launch
+    /// weigh 8× more. A search under `--max-memory` lowers it to fit.
     fn default_batch(&self) -> usize {
         256
     }
