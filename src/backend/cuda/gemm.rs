@@ -109,6 +109,8 @@ struct PlanKey {
     /// The output's dtype (C and D, and the bias).
     out: DType,
     bias: bool,
+    /// beta ≠ 0 (adds into the output): tuned apart from the same shape with beta = 0.
+    accumulate: bool,
     align: [u32; 3],
 }
 
@@ -411,6 +413,7 @@ fn lt_linear(
         dtype,
         out: out_type,
         bias: bias.is_some(),
+        accumulate: beta != 0.0,
         align: [alignment(w), alignment(x), alignment(out)],
     };
     if h.no_plan.contains(&key) {
