@@ -8,7 +8,7 @@
 #   hf.json           the PyTorch peer's numbers           tests.log   the GPU tests' output
 #   peer_search.json, peer_search_f32.json   the PyTorch search peer in bf16 and in f32
 #   run.log           everything else
-# Budget: about 3-4 minutes on an H200 (8 at most); each step has its own timeout.
+# Budget: about 4-5 minutes on an H200 with the default variants (8 at most); each step has its own timeout.
 #
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
 #   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])
