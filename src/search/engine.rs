@@ -797,11 +797,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                             )?;
                             parts.push(hc);
                         }
-                        let mut hs = match g {
-                            1 => parts.pop().expect("one candidate"),
-                            _ => b.concat_rows(&parts)?,
-                        };
-                        drop(parts);
+                        let mut hs = joined(b, parts)?;
                         let lengths = bk.lengths.repeat(g);
                         self.model.text_layers(
                             &mut hs,
