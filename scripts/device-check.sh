@@ -25,6 +25,8 @@
 # (text batches of 128 prompts, the CPU's, instead of the device's few large ones), +att8 /
 # +att4 (the fused attention with 8 warps, 128 queries, a block / 4 and 64, the default),
 # +tune (each GEMM problem's fastest of cuBLASLt's first 8 algorithms, timed on first use),
+# +sparsestates / +everystate (search variants: the vision states of the checkpoints only /
+# of every layer where the device has room, the default),
 # +chunk<N> (search variants: N images a forward batch instead of 250)),
 # SEARCH_DTYPES, PEER_DIR, PEER_SECONDS.
 #
@@ -47,7 +49,7 @@ REPS=${REPS:-10}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/setar-vitb16}
 DTYPES=${DTYPES:-f32,bf16,f16,bf16+narrow,bf16+separate,bf16+unfused,bf16+att8,bf16+tune}
-SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+chunk1000,bf16+narrow+att8+sidesvd+tune+chunk1000}
+SEARCH_DTYPES=${SEARCH_DTYPES:-bf16,bf16+sparsestates,bf16+nostack,bf16+sidesvd,bf16+att8,bf16+narrow,bf16+chunk1000,bf16+narrow+att8+sidesvd+tune+chunk1000}
 PEER_DIR=${PEER_DIR:-/tmp/setar-search}
 PEER_SECONDS=${PEER_SECONDS:-90}
 PEER_F32_SECONDS=${PEER_F32_SECONDS:-45}
@@ -229,7 +231,7 @@ for d, r in search.items():
     if len(st_s) == 24:  # visual_text: the 12 vision steps, then the 12 text steps
         L.append(f"- {d}: vision steps {sum(st_s[:12]):.2f} s, text steps {sum(st_s[12:]):.2f} s "
                  f"({s.get('prompt_batches', '?')} text batches, {s.get('prompt_tokens_padded', '?')} tokens with padding), "
-                 f"waited for SVDs {s.get('svd_wait_seconds', 0):.2f} s")
+                 f"waited for SVDs {s.get('svd_wait_seconds', 0):.2f} s; vision states kept entering layers {s.get('vision_states_kept', '?')}")
     sp = r.get("svd_paths") or {}
     if sp:
         L.append(f"- the 24 SVDs alone by cuSOLVER, per eigen path (after a warm-up, median of 3): "
@@ -259,6 +261,18 @@ for d, r in search.items():
         L.append(f"- decisions: {same} of the peer's {n} completed steps chose the same ratio as ours")
     elif "error" in speer:
         L.append(f"- PyTorch peer: ERROR {speer['error']}")
+# Each search variant against the first (the default), so a session picks its defaults at a
+# glance; one search each (the first: the median of its repeats), so read small differences as noise.
+timed = [(d, r["search"]) for d, r in search.items()
+         if isinstance(r, dict) and isinstance(r.get("search"), dict) and "seconds" in r["search"]]
+if len(timed) > 1:
+    base_d, base = timed[0]
+    parts = []
+    for d, s in timed[1:]:
+        same = sum(a == b for a, b in zip(s["chosen_ratios"], base["chosen_ratios"]))
+        parts.append(f"{d} {s['seconds']:.2f} s ({s['seconds'] / base['seconds'] - 1:+.1%}, "
+                     f"{same}/{len(base['chosen_ratios'])} decisions as {base_d})")
+    L.append(f"- against {base_d} ({base['seconds']:.2f} s): " + "; ".join(parts))
 mem = ours.get("memory", {})
 if mem:
     m = mem.get("clip_l14_24GiB", {})

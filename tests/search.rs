@@ -11,6 +11,7 @@ use setar_engine::backend::cpu::CpuBackend;
 use setar_engine::backend::SvdSchedule;
 use setar_engine::lowrank::WeightType;
 use setar_engine::model::prompts::BucketPlan;
+use setar_engine::search::engine::VisionStates;
 use setar_engine::search::{SearchConfig, SearchState, StepRecord};
 
 fn check_against_reference(name: &str) {
@@ -114,14 +115,22 @@ fn prompt_grouping_changes_no_decision() {
     }
 }
 
-/// Without the vision checkpoints (what a tight `--max-memory` gives) every value is the same:
-/// the checkpoints only keep states the search would compute again the same way.
+/// However many vision states the search keeps (every layer, as a device with memory to
+/// spare does; the checkpoints, the CPU's default; only the embedded tokens, what a tight
+/// `--max-memory` gives) every value is the same: kept states are the ones the search would
+/// compute again the same way.
 #[test]
-fn searches_without_checkpoints_give_the_same_values() {
+fn searches_keeping_any_vision_states_give_the_same_values() {
     let f = load("vt_locoop_minor", CpuBackend::new());
-    let with = run(&f, false);
-    let without = run_with(&f, &f.cfg, |e| e.set_vision_checkpoints(false));
-    assert_identical("vt_locoop_minor", &with, &without);
+    let default = run(&f, false);
+    for kept in [
+        VisionStates::EveryLayer,
+        VisionStates::Checkpoints,
+        VisionStates::EmbeddedOnly,
+    ] {
+        let other = run_with(&f, &f.cfg, |e| e.set_vision_states(kept));
+        assert_identical(&format!("vt_locoop_minor, {kept:?}"), &default, &other);
+    }
 }
 
 /// The same decision at every step and every candidate's value within `TOLERANCE` relative;

@@ -350,6 +350,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Bytes the search may spend keeping the hidden states entering every vision layer
+    /// beyond its checkpoints (`memory::vision_state_layers`), or None to keep only the
+    /// checkpoints. Default: None.
+    fn room_for_vision_states(&self) -> Option<usize> {
+        None
+    }
+
     /// Where the search computes its SVDs. Default (the CPU, whose cores the search itself
     /// uses): all up front.
     fn svd_schedule(&self) -> SvdSchedule {

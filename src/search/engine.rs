@@ -88,7 +88,7 @@ pub struct Engine<'a, B: Backend> {
     vision_version: u64,
     /// Per chunk, the hidden states entering vision layers, by layer: layer 0 (the embedded
     /// tokens, which no setting touches, so the pixels go to the backend once per search),
-    /// and the layers of `checkpoints` (`memory::checkpoint_layers`), kept while no vision setting
+    /// and the layers of `checkpoints` (`memory::vision_state_layers`), kept while no vision setting
     /// below them is decided: a top-down search computes the tower's lower layers once, not
     /// once per step. (A cell: filled while the decided settings' overrides borrow the engine.)
     vision_states: RefCell<Vec<BTreeMap<usize, B::Tensor>>>,
@@ -105,6 +105,37 @@ pub struct Engine<'a, B: Backend> {
     text_stacking: bool,
 }
 
+/// The hidden states a search keeps entering vision layers (layer 0, the embedded tokens,
+/// always).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisionStates {
+    /// Every layer: no step re-runs a block below its target.
+    EveryLayer,
+    /// Every ⌈√layers⌉ layers (`memory::checkpoint_layers`).
+    Checkpoints,
+    /// Only the embedded tokens: each step runs the tower up to its target.
+    EmbeddedOnly,
+}
+
+impl VisionStates {
+    /// `SETAR_SEARCH_STATES=every|checkpoints|embedded`, which overrides the choice by memory
+    /// (for comparisons; an unknown value is warned about and ignored).
+    fn from_env() -> Option<VisionStates> {
+        let v = std::env::var("SETAR_SEARCH_STATES").ok()?;
+        match v.as_str() {
+            "every" => Some(VisionStates::EveryLayer),
+            "checkpoints" => Some(VisionStates::Checkpoints),
+            "embedded" => Some(VisionStates::EmbeddedOnly),
+            _ => {
+                eprintln!(
+                    "warning: SETAR_SEARCH_STATES={v} is not one of every, checkpoints, embedded; ignored"
+                );
+                None
+            }
+        }
+    }
+}
+
 fn owned(v: Vec<f32>) -> F32Data {
     F32Data::Owned(Arc::new(v))
 }
@@ -116,7 +147,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         data: &'a SearchData,
         cfg: &'a SearchConfig,
     ) -> Self {
-        Engine {
+        let mut engine = Engine {
             model,
             file,
             data,
@@ -132,35 +163,38 @@ impl<'a, B: Backend> Engine<'a, B> {
             svd_schedule: model.backend.svd_schedule(),
             text_stacking: model.backend.stack_text_candidates(),
             background: None,
-            checkpoints: {
-                let b = &model.backend;
-                let fits = b.memory_budget().is_none_or(|budget| {
-                    memory::keep_checkpoints(
-                        &model.config,
-                        file.parameter_count(),
-                        b.value_bytes(),
-                        data.len(),
-                        cfg.batch,
-                        budget,
-                    )
-                });
-                if fits {
-                    memory::checkpoint_layers(model.config.vision.tower.layers)
-                } else {
-                    Vec::new()
-                }
-            },
+            checkpoints: Vec::new(),
+        };
+        let b = &model.backend;
+        engine.checkpoints = memory::vision_state_layers(
+            &model.config,
+            file.parameter_count(),
+            b.value_bytes(),
+            data.len(),
+            cfg.batch,
+            b.memory_budget(),
+            b.room_for_vision_states(),
+        );
+        if let Some(kept) = VisionStates::from_env() {
+            engine.set_vision_states(kept);
         }
+        engine
     }
 
-    /// Keeps the vision checkpoints (the default, unless they do not fit the memory budget)
-    /// or only the embedded tokens. Either gives the same values; the checkpoints save work.
-    pub fn set_vision_checkpoints(&mut self, on: bool) {
-        self.checkpoints = if on {
-            memory::checkpoint_layers(self.layers(Tower::Visual))
-        } else {
-            Vec::new()
+    /// Which vision states the search keeps (by default what the backend's memory allows,
+    /// see `memory::vision_state_layers`). All give the same values; more states save work.
+    pub fn set_vision_states(&mut self, kept: VisionStates) {
+        let layers = self.layers(Tower::Visual);
+        self.checkpoints = match kept {
+            VisionStates::EveryLayer => memory::every_layer(layers),
+            VisionStates::Checkpoints => memory::checkpoint_layers(layers),
+            VisionStates::EmbeddedOnly => Vec::new(),
         };
+    }
+
+    /// The vision layers (besides layer 0) whose entering states this search keeps.
+    pub fn kept_vision_layers(&self) -> &[usize] {
+        &self.checkpoints
     }
 
     /// Stacks a text step's candidates in one batch above the target (the backend's choice by

@@ -81,30 +81,51 @@ pub fn checkpoint_layers(layers: usize) -> Vec<usize> {
     (1..layers).filter(|l| l % stride == 0).collect()
 }
 
+/// Every layer above the first: a top-down search then re-runs no block below its target.
+pub fn every_layer(layers: usize) -> Vec<usize> {
+    (1..layers).collect()
+}
+
+/// Bytes of one layer's entering hidden states for `images` images (the residual stream, f32
+/// on every backend).
+pub fn state_bytes(c: &ClipConfig, images: usize) -> usize {
+    4 * images * c.vision.tokens() * c.vision.tower.hidden
+}
+
 /// Bytes held for the whole search: the weights; the normalised global and local image
 /// features of `images` images (cached while the text tower is searched); and the vision
-/// hidden states of every image entering layer 0 and, with `checkpoints`, each checkpoint
-/// layer (the residual stream, f32 on every backend).
+/// hidden states of every image entering layer 0 and `kept` more layers.
 pub fn resident_bytes(
     c: &ClipConfig,
     params: usize,
     value_bytes: usize,
     images: usize,
-    checkpoints: bool,
+    kept: usize,
 ) -> usize {
     let patches = c.vision.grid() * c.vision.grid();
-    let kept = if checkpoints {
-        checkpoint_layers(c.vision.tower.layers).len()
-    } else {
-        0
-    };
-    let state_bytes = 4 * images * c.vision.tokens() * c.vision.tower.hidden;
-    value_bytes * (params + images * (patches + 1) * c.projection_dim) + (1 + kept) * state_bytes
+    value_bytes * (params + images * (patches + 1) * c.projection_dim)
+        + (1 + kept) * state_bytes(c, images)
 }
 
 /// What fits under `budget` bytes, with a 10% margin for the libraries' workspaces.
 fn usable(budget: usize) -> usize {
     budget - budget / 10
+}
+
+/// Whether the states of `kept` layers fit under `budget` beside chunks of `batch` images.
+fn states_fit(
+    c: &ClipConfig,
+    params: usize,
+    value_bytes: usize,
+    images: usize,
+    batch: usize,
+    budget: usize,
+    kept: usize,
+) -> bool {
+    let chunk = batch.clamp(1, images.max(1));
+    resident_bytes(c, params, value_bytes, images, kept)
+        + chunk * vision_bytes_per_image(c, value_bytes)
+        <= usable(budget)
 }
 
 /// Whether the vision checkpoints fit under `budget` beside chunks of `batch` images. They
@@ -117,10 +138,43 @@ pub fn keep_checkpoints(
     batch: usize,
     budget: usize,
 ) -> bool {
-    let chunk = batch.clamp(1, images.max(1));
-    resident_bytes(c, params, value_bytes, images, true)
-        + chunk * vision_bytes_per_image(c, value_bytes)
-        <= usable(budget)
+    let kept = checkpoint_layers(c.vision.tower.layers).len();
+    states_fit(c, params, value_bytes, images, batch, budget, kept)
+}
+
+/// The vision layers whose entering states a search keeps besides layer 0:
+/// - [`every_layer`] where the backend has `room` for them (bytes beyond the checkpoints'; a
+///   device with memory to spare, see [`crate::backend::Backend::room_for_vision_states`])
+///   and they fit under `budget`;
+/// - else the [`checkpoint_layers`] if they fit under `budget` (or there is none);
+/// - else none (only the embedded tokens).
+///
+/// All three give the same values; each keeps more states and re-runs fewer blocks per step.
+pub fn vision_state_layers(
+    c: &ClipConfig,
+    params: usize,
+    value_bytes: usize,
+    images: usize,
+    batch: usize,
+    budget: Option<usize>,
+    room: Option<usize>,
+) -> Vec<usize> {
+    let layers = c.vision.tower.layers;
+    let fits = |kept: &[usize]| {
+        budget.is_none_or(|b| states_fit(c, params, value_bytes, images, batch, b, kept.len()))
+    };
+    let (every, sparse) = (every_layer(layers), checkpoint_layers(layers));
+    if let Some(room) = room {
+        let extra = (every.len() - sparse.len()) * state_bytes(c, images);
+        if extra <= room && fits(&every) {
+            return every;
+        }
+    }
+    if fits(&sparse) {
+        sparse
+    } else {
+        Vec::new()
+    }
 }
 
 /// The chunk size under `budget` bytes: `requested` when it fits (with the vision
@@ -137,7 +191,7 @@ pub fn fit_batch(
     if keep_checkpoints(c, params, value_bytes, images, requested, budget) {
         return Ok(requested.max(1));
     }
-    let resident = resident_bytes(c, params, value_bytes, images, false);
+    let resident = resident_bytes(c, params, value_bytes, images, 0);
     let usable = usable(budget);
     let per = vision_bytes_per_image(c, value_bytes);
     if resident + per > usable {
@@ -200,7 +254,7 @@ mod tests {
         let usable = budget - budget / 10;
         // 10k images and a chunk too large for the budget: lowered to what fits without the
         // checkpoints (which alone would pass it).
-        let resident = resident_bytes(&c, params, 2, 10_000, false);
+        let resident = resident_bytes(&c, params, 2, 10_000, 0);
         let b = fit_batch(&c, params, 2, 10_000, 100_000, budget).unwrap();
         assert!(b >= 1 && resident + b * per <= usable);
         assert!(resident + (b + 1) * per > usable);
@@ -216,8 +270,8 @@ mod tests {
         let c = crate::model::random::preset("vit-l-14").unwrap();
         let params = 428_000_000;
         let per = vision_bytes_per_image(&c, 2);
-        let with = resident_bytes(&c, params, 2, 1000, true);
-        let without = resident_bytes(&c, params, 2, 1000, false);
+        let with = resident_bytes(&c, params, 2, 1000, 4);
+        let without = resident_bytes(&c, params, 2, 1000, 0);
         // Four checkpoint layers of 1000 × 257 × 1024 f32 states.
         assert_eq!(with - without, 4 * 4 * 1000 * 257 * 1024);
         // A budget where 512 images fit only without the checkpoints: the chunk stays 512
@@ -228,5 +282,38 @@ mod tests {
         assert!(!keep_checkpoints(&c, params, 2, 1000, 512, budget));
         // Fewer images than the chunk: only the images count.
         assert!(keep_checkpoints(&c, params, 2, 40, 512, 24 << 30));
+    }
+
+    #[test]
+    fn every_layer_is_kept_where_the_device_has_room() {
+        let c = crate::model::random::preset("vit-b-16").unwrap();
+        let params = 150_000_000;
+        let one = state_bytes(&c, 1000);
+        assert_eq!(one, 4 * 1000 * 197 * 768);
+        assert_eq!(every_layer(12), (1..12).collect::<Vec<_>>());
+        let extra = (11 - 2) * one;
+        let plan = |budget, room| vision_state_layers(&c, params, 2, 1000, 250, budget, room);
+        // No room given (the CPU): the checkpoints, as before.
+        assert_eq!(plan(None, None), vec![4, 8]);
+        // Room for the 9 more states: every layer; one byte less: the checkpoints.
+        assert_eq!(plan(None, Some(extra)), every_layer(12));
+        assert_eq!(plan(None, Some(extra - 1)), vec![4, 8]);
+        // A budget holds them back too: one where every layer fits exactly, then a byte less.
+        let need = resident_bytes(&c, params, 2, 1000, 11) + 250 * vision_bytes_per_image(&c, 2);
+        let budget = (need as f64 / 0.9).ceil() as usize + 16;
+        assert!(need <= usable(budget));
+        assert_eq!(plan(Some(budget), Some(usize::MAX)), every_layer(12));
+        let tight = resident_bytes(&c, params, 2, 1000, 2) + 250 * vision_bytes_per_image(&c, 2);
+        let budget = (tight as f64 / 0.9).ceil() as usize + 16;
+        assert_eq!(plan(Some(budget), Some(usize::MAX)), vec![4, 8]);
+        // Not even the checkpoints: only the embedded tokens.
+        let bare = resident_bytes(&c, params, 2, 1000, 0) + 250 * vision_bytes_per_image(&c, 2);
+        let budget = (bare as f64 / 0.9).ceil() as usize + 16;
+        assert!(plan(Some(budget), Some(usize::MAX)).is_empty());
+        // CLIP-L/14 under 24 GiB: its 23 states (25 GB) do not fit, its 4 checkpoints do.
+        let l = crate::model::random::preset("vit-l-14").unwrap();
+        let kept =
+            vision_state_layers(&l, 428_000_000, 2, 1000, 512, Some(24 << 30), Some(1 << 40));
+        assert_eq!(kept, checkpoint_layers(24));
     }
 }

@@ -56,6 +56,7 @@ mod check {
     use setar_engine::model::prompts::{BucketPlan, PROMPT_BUCKET};
     use setar_engine::model::random::{preset, write_random_model};
     use setar_engine::model::Clip;
+    use setar_engine::search::engine::VisionStates;
     use setar_engine::weights::{SaveDtype, WeightsFile};
     use setar_engine::{Error, Result};
     use std::path::{Path, PathBuf};
@@ -148,7 +149,9 @@ mod check {
     /// `+nostack` (a text step's candidates one after another, not stacked in one batch),
     /// `+att8` / `+att4` (the fused attention with 8 warps a block, 128 queries, or 4 and 64:
     /// the default), `+tune` (each GEMM problem's fastest of cuBLASLt's first 8 algorithms,
-    /// timed, instead of its heuristic's first), `+chunk<N>` (search variants only: N images a forward batch instead of
+    /// timed, instead of its heuristic's first), `+sparsestates` / `+everystate` (a search
+    /// keeps the vision states of its ⌈√layers⌉ checkpoints only, or of every layer where the
+    /// device has room: the default), `+chunk<N>` (search variants only: N images a forward batch instead of
     /// `--search-chunk`; see [`chunk_for`]), e.g. `bf16+unfused`.
     fn options_for(spec: &str) -> Result<CudaOptions> {
         let mut parts = spec.split('+');
@@ -169,6 +172,7 @@ mod check {
                 "att8" => o.attention_warps = 8,
                 "att4" => o.attention_warps = 4,
                 "tune" => o.gemm_tune = true,
+                "sparsestates" | "everystate" => {}
                 "eigseq" => o.eig = EigPath::Sequential,
                 "eigbatched" => o.eig = EigPath::Batched,
                 "rowbuckets" => {
@@ -186,6 +190,16 @@ mod check {
     /// The search's images per forward batch a variant asks for (`+chunk500`), if any.
     fn chunk_for(spec: &str) -> Option<usize> {
         spec.split('+').skip(1).find_map(chunk_of)
+    }
+
+    /// The vision states a search variant asks to keep (`+sparsestates`: the checkpoints
+    /// only; `+everystate`: every layer), if it asks.
+    fn states_for(spec: &str) -> Option<VisionStates> {
+        spec.split('+').skip(1).find_map(|f| match f {
+            "sparsestates" => Some(VisionStates::Checkpoints),
+            "everystate" => Some(VisionStates::EveryLayer),
+            _ => None,
+        })
     }
 
     fn chunk_of(flag: &str) -> Option<usize> {
@@ -558,7 +572,9 @@ mod check {
             // first search pays); the run with the median time stands for it.
             let reps = if out.is_empty() { args.search_reps } else { 1 };
             let timed = (0..reps)
-                .map(|_| super::search::time_search(&model, &weights, &data, &cfg))
+                .map(|_| {
+                    super::search::time_search(&model, &weights, &data, &cfg, states_for(spec))
+                })
                 .collect::<Result<Vec<Value>>>()
                 .map(|runs| {
                     let seconds: Vec<f64> = runs
@@ -746,6 +762,11 @@ mod check {
             assert_eq!(o.attention_warps, 8);
             assert_eq!(chunk_for("bf16+narrow+chunk1000+att8"), Some(1000));
             assert_eq!(chunk_for("bf16+narrow"), None);
+            assert_eq!(
+                states_for("bf16+sparsestates+chunk500"),
+                Some(VisionStates::Checkpoints)
+            );
+            assert_eq!(states_for("bf16+narrow"), None);
             assert!(options_for("bf16+chunk0").is_err());
             assert!(options_for("bf16+chunky").is_err());
         }

@@ -19,7 +19,7 @@ use setar_engine::model::prompts::PromptBuckets;
 use setar_engine::model::Clip;
 use setar_engine::progress::Progress;
 use setar_engine::score::Scorer;
-use setar_engine::search::engine::{Engine, SearchData};
+use setar_engine::search::engine::{Engine, SearchData, VisionStates};
 use setar_engine::search::{self, plan, Objective, Order, SearchConfig};
 use setar_engine::tokenizer::Tokenizer;
 use setar_engine::weights::WeightsFile;
@@ -161,6 +161,7 @@ pub fn time_search(
     weights: &WeightsFile,
     data: &SearchData,
     cfg: &SearchConfig,
+    states: Option<VisionStates>,
 ) -> Result<Value> {
     let b = &model.backend;
     b.reset_peak_memory();
@@ -168,6 +169,9 @@ pub fn time_search(
     b.synchronize()?;
     let t0 = Instant::now();
     let mut engine = Engine::new(model, weights, data, cfg);
+    if let Some(kept) = states {
+        engine.set_vision_states(kept);
+    }
     engine.prepare_all(&targets)?;
     b.synchronize()?;
     // Up front (cuSOLVER) this is the SVDs' time; in the background, the time to read the
@@ -201,6 +205,7 @@ pub fn time_search(
             SvdSchedule::FirstThenBackground => "the first by cuSOLVER (f64), the rest on host threads beside the search (faer, f64)",
             SvdSchedule::SideStream => "the first by cuSOLVER (f64), the rest by cuSOLVER on a second stream beside the search (f64)",
         },
+        "vision_states_kept": engine.kept_vision_layers(),
         "prompt_batches": data.prompts.buckets.len(),
         "prompt_tokens_padded": data.prompts.padded_tokens(),
         "svd_seconds": svd_s,
