@@ -7,7 +7,8 @@
 #   device-check.md   the table (also printed last)       setar.json  device_check's numbers
 #   hf.json           the PyTorch peer's numbers           tests.log   the GPU tests' output
 #   peer_search.json, peer_search_f32.json   the PyTorch search peer in bf16 and in f32
-#   run.log           everything else
+#   run.log           everything else                      probe.log   the fused attention's probe
+# (8 files: the device tool brings back no more)
 # Budget: about 4-5 minutes on an H200 with the default variants (8 at most); each step has its own timeout.
 #
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
@@ -96,7 +97,8 @@ if [ -n "$tests" ]; then
   grep -E "^test |test result|panicked" "$OUT/probe.log"
   if [ $rc -ne 0 ]; then
     echo "FUSED ATTENTION PROBE FAILED (rc $rc, see $OUT/probe.log): the rest of the check runs SETAR_CUDA_ATTENTION=unfused"
-    echo "rc $rc" > "$OUT/fused-probe-failed"
+    # A line in probe.log, not a file of its own: the device tool brings back 8 files at most.
+    echo "FUSED PROBE FAILED rc $rc" >> "$OUT/probe.log"
     export SETAR_CUDA_ATTENTION=unfused
     skip=(--skip fused_attention_matches_cpu --skip auto_attention_uses_the_fused_kernel)
     status=1
@@ -172,7 +174,12 @@ VARIANTS = []
 for r in ours.get("parity", {}).values():
     VARIANTS += [k for k, v in r.items() if isinstance(v, dict) and k not in VARIANTS]
 L = [f"# CUDA device check ({(ours.get('devices') or ['?'])[0]}, {hf.get('peer', '?')})", ""]
-if os.path.exists(os.path.join(out, "fused-probe-failed")):
+def probe_failed():
+    try:
+        return "FUSED PROBE FAILED" in open(os.path.join(out, "probe.log")).read()
+    except OSError:
+        return False
+if probe_failed():
     L += ["**The fused attention kernel failed its probe (probe.log): everything below ran the unfused attention.**", ""]
 L += [f"Image tower, ViT-B/16 random weights (real layout), 224 px, batch {batch}, global features.", "",
       "| dtype | setar-engine img/s (end to end) | setar-engine img/s (pixels on device) | TFLOP/s | HF img/s | ratio (device-resident / HF) |",
