@@ -9,7 +9,9 @@
 #   peer_search.json, peer_search_f32.json   the PyTorch search peer in bf16 and in f32
 #   run.log           everything else                      probe.log   the fused attention's probe
 # (8 files: the device tool brings back no more)
-# Budget: about 4-5 minutes on an H200 with the default variants (8 at most); each step has its own timeout.
+# Budget: about 5-6 minutes on an H200 with the default variants (run 5c took 203 s with 1 tower and
+# 3 search variants; each search variant adds ~13 s, each tower variant ~6 s); each step has its own
+# timeout, and device_check writes setar.json after each section, so a timeout keeps what it measured.
 #
 #   FEATURES=cuda /work/shared/tools/device-pack.sh           # here, once
 #   scripts/device-check.sh                                   # there, e.g. run(carry [".device"])

@@ -459,6 +459,17 @@ mod check {
         libs
     }
 
+    /// Writes what `report` holds so far to `--out` (after each section, so a check stopped
+    /// by its timeout still leaves what it measured); without `--out`, nothing until the end.
+    fn save_partial(args: &Args, report: &serde_json::Map<String, Value>) {
+        if let Some(p) = &args.out {
+            let text = serde_json::to_string_pretty(report).unwrap_or_default();
+            if let Err(e) = std::fs::write(p, text) {
+                eprintln!("  could not write {}: {e}", p.display());
+            }
+        }
+    }
+
     pub fn run() -> Result<()> {
         let args = parse()?;
         let t0 = Instant::now();
@@ -506,6 +517,7 @@ mod check {
                 parity_or_error(&args.model, &args.dtypes, 2, 3),
             );
             report.insert("parity".into(), Value::Object(parity));
+            save_partial(&args, &report);
         }
 
         if !args.skip_timing {
@@ -522,13 +534,18 @@ mod check {
                 .map_or_else(|e| json!({ "error": e.to_string() }), |t| json!(t));
             eprintln!("our bf16 GEMM 8192³ (cuBLASLt path): {gemm} TFLOP/s");
             report.insert("gemm_bf16_8192_tflops".into(), gemm);
+            save_partial(&args, &report);
         }
         if !args.skip_search {
-            let r = search_section(&args).unwrap_or_else(|e| {
+            if let Err(e) = search_section(&args, &mut report) {
                 eprintln!("  search: ERROR {e}");
-                json!({ "error": e.to_string() })
-            });
-            report.insert("search".into(), r);
+                // Beside the variants already in, which the summary still reads.
+                let search = report.entry("search").or_insert_with(|| json!({}));
+                if let Some(m) = search.as_object_mut() {
+                    m.insert("error".into(), json!(e.to_string()));
+                }
+            }
+            save_partial(&args, &report);
             let r = memory_section(&args).unwrap_or_else(|e| {
                 eprintln!("  memory: ERROR {e}");
                 json!({ "error": e.to_string() })
@@ -546,8 +563,9 @@ mod check {
         Ok(())
     }
 
-    /// Per dtype: the SVDs and the whole search, then scoring; the peer's inputs once.
-    fn search_section(args: &Args) -> Result<Value> {
+    /// Per dtype: the SVDs and the whole search, then scoring; the peer's inputs once. Each
+    /// variant's results go into `report["search"]` (and to `--out`) as soon as they are in.
+    fn search_section(args: &Args, report: &mut serde_json::Map<String, Value>) -> Result<()> {
         eprintln!("search (random ViT-B/16, synthetic data):");
         let weights = WeightsFile::open(&args.model)?;
         let config = ClipConfig::for_weights(&weights)?;
@@ -626,8 +644,10 @@ mod check {
                 );
             }
             out.insert(spec.clone(), Value::Object(r));
+            report.insert("search".into(), Value::Object(out.clone()));
+            save_partial(args, report);
         }
-        Ok(Value::Object(out))
+        Ok(())
     }
 
     /// CLIP-L/14 (random, real layout) under a 24 GiB budget: the chunk size `fit_batch`
